@@ -1,0 +1,1 @@
+"""muloco_jax: MuLoCo (DiLoCo with Muon as the inner optimizer) in JAX/Flax."""
