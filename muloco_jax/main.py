@@ -1,0 +1,32 @@
+"""Launcher: python -m muloco_jax.main --config=configs/NAME.py --workdir=DIR [--config.a.b=v].
+
+On several hosts, pass --coordinator_address, --num_processes and --process_id
+(or nothing on platforms where `jax.distributed.initialize()` finds them).
+"""
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from muloco_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _COORDINATOR.value is not None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no-op elsewhere
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,311 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+One loop serves every method: an *algorithm* object owns the mesh, the jitted
+step(s) and the state layout.  `DataParallel` is synchronous data parallelism
+(AdamW, Muon or SGD baselines); `DiLoCoAlgorithm` runs K DiLoCo workers with
+an outer sync every H steps (MuLoCo when the inner optimizer is Muon).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from muloco_jax import checkpoint as checkpoint_lib
+from muloco_jax import config as config_lib
+from muloco_jax import data as data_lib
+from muloco_jax import diloco as diloco_lib
+from muloco_jax import metrics as metrics_lib
+from muloco_jax import model as model_lib
+from muloco_jax import optim
+
+# Batches are split over every device of the ("worker", "data") mesh.
+ALL_DEVICES = P((diloco_lib.WORKER_AXIS, diloco_lib.DATA_AXIS))
+
+
+# ----------------------------------------------------------------------------
+# Model, loss and optimizer from the config.
+
+
+def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.Transformer:
+  return model_lib.Transformer(model_lib.model_config(
+      config.model.size, vocab_size=vocab_size, max_seq_len=config.model.max_seq_len,
+      scan_layers=config.model.scan_layers, remat=config.model.remat,
+      dtype=jnp.dtype(config.model.dtype)))
+
+
+def make_loss_fn(model: model_lib.Transformer):
+  """Mean next-token cross-entropy (nats per token) of a batch {inputs, targets}."""
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+  return loss_fn
+
+
+def make_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to `min_lr_ratio` of it."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+      decay_steps=num_steps, end_value=opt.learning_rate * opt.min_lr_ratio)
+
+
+def _decay_matrices(params):
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The (inner) optimizer of `config.optimizer`, with clipping and the lr schedule.
+
+  Weight decay is decoupled (p <- p (1 - lr wd)) and applies to matrices.  With
+  `diloco.weight_decay_reference_batch` = R > 0 it is rescaled by the per-worker
+  batch, wd * (B / K) / R, as in the paper.
+  """
+  opt = config.optimizer
+  schedule = make_schedule(opt, config.train.num_steps)
+  weight_decay = opt.weight_decay
+  if config.diloco.weight_decay_reference_batch:
+    per_worker = config.train.batch_size / max(config.diloco.num_workers, 1)
+    weight_decay *= per_worker / config.diloco.weight_decay_reference_batch
+  if opt.name == "adamw":
+    core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                       weight_decay=weight_decay, mask=_decay_matrices)
+  elif opt.name == "muon":
+    adam_lr = None
+    if opt.adam_learning_rate:
+      adam_opt = ml_collections.ConfigDict(opt.to_dict())
+      adam_opt.learning_rate = opt.adam_learning_rate
+      adam_lr = make_schedule(adam_opt, config.train.num_steps)
+    core = optim.muon(
+        schedule, beta=opt.momentum, nesterov=opt.nesterov, weight_decay=weight_decay,
+        adam_b1=opt.b1, adam_b2=opt.b2, adam_eps=opt.eps, adam_learning_rate=adam_lr,
+        schedule=opt.ns_schedule, ns_steps=opt.ns_steps, compute_dtype=jnp.dtype(opt.ns_dtype),
+        scale=opt.muon_scale)
+  elif opt.name == "sgd":
+    core = optax.chain(optax.add_decayed_weights(weight_decay, _decay_matrices),
+                       optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
+  else:
+    raise ValueError(f"optimizer.name={opt.name!r} is not one of {config_lib.OPTIMIZERS}.")
+  if opt.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), core)
+  return core
+
+
+# ----------------------------------------------------------------------------
+# Algorithms: how a step updates the state.
+
+
+def _place(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+  """A global array from this process's rows (processes hold consecutive row blocks)."""
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+class TrainState(NamedTuple):
+  """Data-parallel training state."""
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+
+class DataParallel:
+  """Synchronous data parallelism over every device: the gradient of the global batch."""
+
+  def __init__(self, loss_fn, tx: optax.GradientTransformation, mesh):
+    self.mesh, self._tx = mesh, tx
+    replicated = NamedSharding(mesh, P())
+    self.batch_sharding = NamedSharding(mesh, ALL_DEVICES)
+
+    def train_step(state, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return (TrainState(params, opt_state, state.step + 1),
+              {"train_loss": loss, "grad_norm": optax.tree.norm(grads)})
+
+    self._init = jax.jit(lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
+                         out_shardings=replicated)
+    self._step = jax.jit(train_step, donate_argnums=0,
+                         in_shardings=(replicated, self.batch_sharding))
+
+  def init(self, params):
+    return self._init(params)
+
+  def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
+    return {k: _place(v, self.batch_sharding, (global_batch_size,) + v.shape[1:])
+            for k, v in local_batch.items()}
+
+  def train_step(self, state, batch, step: int, final: bool):
+    del step, final
+    state, metrics = self._step(state, batch)
+    return state, metrics, None
+
+  @staticmethod
+  def params(state):
+    return state.params
+
+
+class DiLoCoAlgorithm:
+  """K DiLoCo workers on the ("worker", "data") mesh; an outer sync every H steps.
+
+  A sync also closes the run when num_steps is not a multiple of H, so the
+  evaluated shared parameters include every inner step.
+  """
+
+  def __init__(self, loss_fn, inner_tx, config: ml_collections.ConfigDict):
+    d = config.diloco
+    outer_tx = diloco_lib.outer_optimizer(d.outer_lr, d.outer_momentum, d.outer_nesterov)
+    self.diloco = diloco_lib.DiLoCo(loss_fn, inner_tx, outer_tx, d.num_workers,
+                                    data_parallelism=d.data_parallelism)
+    self.mesh, self.sync_every = self.diloco.mesh, d.sync_every
+    self.num_workers = d.num_workers
+
+  def init(self, params):
+    return self.diloco.init(params)
+
+  def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
+    k = self.num_workers
+    per_worker = global_batch_size // k
+    def place(v):
+      local = v.reshape((-1, per_worker) + v.shape[1:]) if v.shape[0] >= per_worker else v[None]
+      return _place(local, self.diloco.batch_sharding, (k, per_worker) + v.shape[1:])
+    return {name: place(v) for name, v in local_batch.items()}
+
+  def train_step(self, state, batch, step: int, final: bool):
+    state, inner = self.diloco.inner_step(state, batch)
+    metrics = {"train_loss": jnp.mean(inner["loss"]), "grad_norm": jnp.mean(inner["grad_norm"]),
+               "worker_train_loss": inner["loss"]}
+    sync_metrics = None
+    if step % self.sync_every == 0 or final:
+      state, sync_metrics = self.diloco.outer_sync(state)
+      sync_metrics = dict(sync_metrics, worker_train_loss=inner["loss"])
+    return state, metrics, sync_metrics
+
+  @staticmethod
+  def params(state):
+    return state.params
+
+
+def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx):
+  if config.diloco.num_workers == 0:
+    return DataParallel(loss_fn, tx, diloco_lib.make_mesh(1, jax.device_count()))
+  return DiLoCoAlgorithm(loss_fn, tx, config)
+
+
+def _sync_record(sync_metrics: dict) -> dict:
+  """Host-side summary of a sync: per-worker lists plus their means/spreads."""
+  m = jax.device_get(sync_metrics)
+  losses = np.asarray(m.pop("worker_train_loss"), np.float64)
+  cosine = np.asarray(m["worker_cosine"], np.float64)
+  return dict(m, worker_train_loss=losses, worker_train_loss_spread=losses.max() - losses.min(),
+              worker_cosine_mean=cosine.mean())
+
+
+# ----------------------------------------------------------------------------
+# Evaluation and the loop.
+
+
+def make_evaluate(loss_fn, mesh, data: data_lib.LMData, config: ml_collections.ConfigDict):
+  """evaluate(params) -> {eval_loss, eval_perplexity} over train.eval_steps batches."""
+  batch_size = config.train.eval_batch_size or config.train.batch_size
+  sharding = NamedSharding(mesh, ALL_DEVICES)
+  eval_loss = jax.jit(loss_fn, in_shardings=(NamedSharding(mesh, P()), sharding))
+
+  def evaluate(params):
+    iterator = data.eval_iterator(batch_size, jax.process_index(), jax.process_count(),
+                                  num_steps=config.train.eval_steps)
+    losses = [eval_loss(params, {k: _place(v, sharding, (batch_size,) + v.shape[1:])
+                                 for k, v in batch.items()}) for batch in iterator]
+    loss = float(np.mean(jax.device_get(losses)))
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+  return evaluate
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from WORKDIR's latest good checkpoint), evaluates, logs.
+
+  Returns the last logged record (train and eval metrics of the final step).
+  """
+  config_lib.validate(config)
+  tc = config.train
+  data = data_lib.get_dataset(config.data)
+  model = make_model(config, data.vocab_size)
+  loss_fn = make_loss_fn(model)
+  tx = make_optimizer(config)
+  schedule = make_schedule(config.optimizer, tc.num_steps)
+  algorithm = make_algorithm(config, loss_fn, tx)
+  devices = algorithm.mesh.size
+  eval_batch = tc.eval_batch_size or tc.batch_size
+  for name, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", eval_batch)):
+    if size % devices:
+      raise ValueError(f"{name}={size} must be divisible by the {devices} devices of the mesh.")
+
+  state = algorithm.init(model_lib.init_params(model.config, jax.random.key(config.seed)))
+  primary = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                             tc.keep_checkpoints)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
+  iterator = data.train_iterator(tc.batch_size, config.seed, jax.process_index(),
+                                 jax.process_count())
+  start_step, comm_bytes_total = 0, 0.0
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    start_step, state, meta = restored
+    iterator.set_state(meta["data_iterator"])
+    comm_bytes_total = meta["comm_bytes_total"]
+    logging.info("Resumed from the checkpoint at step %d.", start_step)
+  writer.truncate_after(start_step)
+  evaluate = make_evaluate(loss_fn, algorithm.mesh, data, config)
+
+  tokens_per_step = tc.batch_size * config.data.seq_len
+  progress = tqdm.tqdm(total=tc.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       disable=not (tc.progress_bar and primary and sys.stderr.isatty()))
+  record: dict = {}
+  timer_step, timer_start = start_step, time.perf_counter()
+  for step in range(start_step + 1, tc.num_steps + 1):
+    final = step == tc.num_steps
+    batch = algorithm.place_batch(next(iterator), tc.batch_size)
+    state, metrics, sync_metrics = algorithm.train_step(state, batch, step, final)
+    record = {}
+    if sync_metrics is not None:
+      record.update(_sync_record(sync_metrics))
+      comm_bytes_total += float(record["sync_bytes"])
+      record["comm_bytes_total"] = comm_bytes_total
+    if step % tc.log_every == 0 or final:
+      metrics = jax.device_get(metrics)
+      step_time = (time.perf_counter() - timer_start) / (step - timer_step)
+      record.update(metrics, lr=float(schedule(step - 1)), step_time=step_time,
+                    tokens_per_sec=tokens_per_step / step_time)
+      progress.set_postfix(loss=f"{float(metrics['train_loss']):.3f}")
+    if step % tc.eval_every == 0 or final:
+      record.update(evaluate(algorithm.params(state)))
+    writer.write(step, record)
+    if step % tc.checkpoint_every == 0 or final:
+      checkpointer.save(step, state, {"data_iterator": iterator.get_state(),
+                                      "comm_bytes_total": comm_bytes_total})
+    if step % tc.log_every == 0 or step == start_step + 1:
+      jax.block_until_ready(state)  # time the next window without compilation, eval or saves
+      timer_step, timer_start = step, time.perf_counter()
+    progress.update(1)
+  progress.close()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  if primary and record:
+    summary = ", ".join(f"{k} {record[k]:.4g}" for k in
+                        ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_sec")
+                        if k in record)
+    print(f"Finished {tc.num_steps} steps in {workdir}: {summary}", flush=True)
+  return record
