@@ -26,6 +26,7 @@ cross-worker collective.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -35,13 +36,18 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from muloco_jax import compression
+
 WORKER_AXIS = "worker"
 DATA_AXIS = "data"
 
 PyTree = Any
 LossFn = Callable[[PyTree, dict], jax.Array]
-# average(deltas, contributes, axis_name) -> (mean delta over all contributing workers, metrics).
-Averager = Callable[[PyTree, jax.Array, "str | None"], "tuple[PyTree, dict]"]
+# average(deltas, contributes, error, axis_name) -> (mean delta over the contributing workers,
+# new error-feedback buffers, scalar metrics); see `psum_average` and `compressed_average`.
+Averager = Callable[[PyTree, jax.Array, PyTree, "str | None"], "tuple[PyTree, PyTree, dict]"]
+# A fragment: the top-level parameter keys it holds (streaming DiLoCo); None: the whole tree.
+Fragment = "tuple[str, ...] | None"
 
 
 class DiLoCoState(NamedTuple):
@@ -49,16 +55,20 @@ class DiLoCoState(NamedTuple):
 
     Attributes:
       params: ``theta_ref``, the shared parameters (replicated).
-      outer_opt_state: state of the outer optimizer for ``params`` (replicated).
+      outer_opt_state: tuple with the outer optimizer state of each fragment (one entry, for
+        the whole tree, without streaming), replicated.
       worker_params: ``theta_k``, every leaf with a leading worker axis of size K.
       worker_opt_state: inner optimizer state of every worker, leading worker axis of size K.
+      error: error-feedback buffers ``e_k`` of every worker (leading worker axis), or ``{}``
+        when the averager keeps none.
       step: int32 number of inner steps taken.
     """
 
     params: PyTree
-    outer_opt_state: PyTree
+    outer_opt_state: tuple
     worker_params: PyTree
     worker_opt_state: PyTree
+    error: PyTree
     step: jax.Array
 
 
@@ -97,14 +107,52 @@ def _select_workers(mask: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTre
     return jax.tree.map(pick, on_true, on_false)
 
 
+def _subtree(tree: PyTree, fragment: Fragment) -> PyTree:
+    return tree if fragment is None else {key: tree[key] for key in fragment}
+
+
+def _merge(tree: PyTree, part: PyTree, fragment: Fragment) -> PyTree:
+    return part if fragment is None else {**tree, **part}
+
+
+def split_into_fragments(params: dict, num_fragments: int) -> tuple[tuple[str, ...], ...]:
+    """Streaming DiLoCo's fragments: contiguous ranges of the blocks ``layers_0 .. layers_{L-1}``.
+
+    Fragment f holds blocks ``[f L / F, (f + 1) L / F)``; the embedding goes with the first
+    fragment and every other top-level parameter (final norm, output head) with the last.
+    """
+    layers = sorted((k for k in params if re.fullmatch(r"layers_\d+", k)),
+                    key=lambda k: int(k.split("_")[1]))
+    if num_fragments < 1:
+        raise ValueError(f"diloco.num_fragments={num_fragments} must be >= 1")
+    if num_fragments > max(len(layers), 1):
+        raise ValueError(f"diloco.num_fragments={num_fragments} exceeds the {len(layers)} "
+                         "unscanned layers (model.scan_layers must be False for streaming)")
+    if num_fragments == 1:
+        return (tuple(params),)
+    fragments = [[] for _ in range(num_fragments)]
+    for i, key in enumerate(layers):
+        fragments[i * num_fragments // len(layers)].append(key)
+    for key in params:
+        if key not in layers:
+            fragments[0 if "embed" in key else -1].append(key)
+    return tuple(tuple(f) for f in fragments)
+
+
 def init(params: PyTree, inner_tx: optax.GradientTransformation,
-         outer_tx: optax.GradientTransformation, num_workers: int) -> DiLoCoState:
-    """Start of training: every worker holds ``params`` and a fresh inner optimizer state."""
+         outer_tx: optax.GradientTransformation, num_workers: int,
+         fragments: "tuple[Fragment, ...]" = (None,), error_feedback: bool = False) -> DiLoCoState:
+    """Start of training: every worker holds ``params`` and a fresh inner optimizer state.
+
+    One outer optimizer state per fragment; zero error-feedback buffers if ``error_feedback``.
+    """
     return DiLoCoState(
         params=params,
-        outer_opt_state=outer_tx.init(params),
+        outer_opt_state=tuple(outer_tx.init(_subtree(params, f)) for f in fragments),
         worker_params=_stack(params, num_workers),
         worker_opt_state=_stack(inner_tx.init(params), num_workers),
+        error=(_stack(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params),
+                      num_workers) if error_feedback else {}),
         step=jnp.zeros((), jnp.int32),
     )
 
@@ -141,17 +189,28 @@ def pseudogradient(theta_ref: PyTree, worker_params: PyTree) -> PyTree:
     return jax.tree.map(lambda ref, w: ref[None] - w, theta_ref, worker_params)
 
 
-def psum_average(deltas: PyTree, contributes: jax.Array,
-                 axis_name: str | None = None) -> tuple[PyTree, dict]:
+def _worker_count(contributes: jax.Array, axis_name: str | None) -> tuple[jax.Array, int]:
+    """(|C| over all workers, K) from the local workers' ``contributes`` mask."""
+    count = jnp.sum(contributes.astype(jnp.int32))
+    num_workers = contributes.shape[0]
+    if axis_name is not None:
+        count = jax.lax.psum(count, axis_name)
+        num_workers *= jax.lax.axis_size(axis_name)
+    return count, num_workers
+
+
+def psum_average(deltas: PyTree, contributes: jax.Array, error: PyTree,
+                 axis_name: str | None = None) -> tuple[PyTree, PyTree, dict]:
     """Default averager: ``delta = sum_{k in C} delta_k / |C|`` with one ``psum`` over workers.
 
     Args:
       deltas: pseudogradients of the local workers (leading local-worker axis), already zero for
         workers that do not contribute.
       contributes: bool ``[local workers]``, which local workers are in ``C``.
+      error: error-feedback buffers (unused here, returned as they are).
       axis_name: mesh axis along which the other workers live (``None``: all workers are local).
 
-    Returns ``(delta, metrics)`` with ``delta`` identical on every worker and scalar metrics:
+    Returns ``(delta, error, metrics)`` with ``delta`` identical on every worker and scalars:
       ``num_contributing``: ``|C|`` (0 means the caller must skip the round; ``delta`` is then 0).
       ``sync_bytes``: bytes each worker hands to the collective (its pseudogradient leaves, in their
         own dtype, contributing or not) summed over all K workers.  When several workers share a
@@ -159,24 +218,89 @@ def psum_average(deltas: PyTree, contributes: jax.Array,
         counted, nor is the collective's internal traffic (e.g. a ring all-reduce's 2(n-1)/n).
     """
     local_sum = jax.tree.map(lambda d: jnp.sum(d, axis=0), deltas)
-    count = jnp.sum(contributes.astype(jnp.int32))
-    num_workers = contributes.shape[0]
     if axis_name is not None:
-        local_sum, count = jax.lax.psum((local_sum, count), axis_name)
-        num_workers *= jax.lax.axis_size(axis_name)
+        local_sum = jax.lax.psum(local_sum, axis_name)
+    count, num_workers = _worker_count(contributes, axis_name)
     divisor = jnp.maximum(count, 1)
     delta = jax.tree.map(lambda s: s / divisor.astype(s.dtype), local_sum)
     bytes_per_worker = sum(math.prod(x.shape[1:]) * x.dtype.itemsize
                            for x in jax.tree.leaves(deltas))
     metrics = {"num_contributing": count,
                "sync_bytes": jnp.asarray(float(num_workers * bytes_per_worker), jnp.float32)}
-    return delta, metrics
+    return delta, error, metrics
+
+
+def compressed_average(spec: compression.CompressionSpec, error_feedback: bool = True,
+                       error_decay: float = 0.9,
+                       exclude: compression.ExcludeFn = compression.exclude_vectors,
+                       requantize_average: bool = False) -> Averager:
+    """An averager that exchanges compressed pseudogradients (MuLoCo's 2-8 bit sync).
+
+    Per worker k (error feedback on):  e_k <- beta e_k + delta_k;  c_k = C(e_k);
+    e_k <- e_k - D(c_k).  Off:  c_k = C(delta_k).  The packed payloads ``c_k`` are
+    ``all_gather``-ed over the worker axis; every worker decodes all K and averages the
+    contributing ones: ``delta = sum_{k in C} D(c_k) / |C|``.  ``requantize_average`` applies
+    ``D(C(.))`` once more to the average, as the authors' runs do to stand in for a compressed
+    reduce-scatter + all-gather.  A worker left out keeps its error buffer unchanged.
+
+    Metrics: ``num_contributing``; ``sync_bytes`` = K x the bytes of one worker's payload
+    (the packed arrays handed to the all-gather); ``compression_error`` = mean over contributing
+    workers of ||x_k - D(C(x_k))|| / ||x_k|| for the compressed input x_k (e_k or delta_k);
+    ``error_buffer_norm`` = mean over workers of ||e_k|| after the step.
+    """
+    def average(deltas, contributes, error, axis_name=None):
+        def one_worker(e, d):
+            if error_feedback:
+                return compression.error_feedback_tree(e, d, spec, error_decay, exclude)
+            return compression.compress_tree(d, spec, exclude), e
+
+        like = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
+        ef_in = error if error_feedback else jax.tree.map(jnp.zeros_like, deltas)
+        payloads, new_error = jax.vmap(one_worker)(ef_in, deltas)
+        sent = (jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
+                if error_feedback else deltas)
+        decoded_local = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))(
+            payloads)
+        if error_feedback:
+            new_error = _select_workers(contributes, new_error, error)
+        else:
+            new_error = error
+
+        gathered, all_contributes = payloads, contributes
+        if axis_name is not None:
+            gathered, all_contributes = jax.lax.all_gather((payloads, contributes), axis_name,
+                                                           tiled=True)
+        decoded = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))(gathered)
+        count, num_workers = _worker_count(contributes, axis_name)
+        weights = all_contributes.astype(jnp.float32)
+        divisor = jnp.maximum(count, 1).astype(jnp.float32)
+        delta = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / divisor, decoded)
+        if requantize_average:
+            delta = compression.roundtrip_tree(delta, spec, exclude)
+        delta = jax.tree.map(lambda x, d: x.astype(d.dtype), delta, like)
+
+        residual = jax.tree.map(lambda a, b: a - b, sent, decoded_local)
+        rel_error = jnp.sqrt(jax.vmap(_tree_dot)(residual, residual)
+                             / jnp.maximum(jax.vmap(_tree_dot)(sent, sent), 1e-30))
+        local_stats = jnp.stack([jnp.sum(jnp.where(contributes, rel_error, 0.0)),
+                                 jnp.sum(jnp.sqrt(jax.vmap(_tree_dot)(new_error, new_error)))
+                                 if error_feedback else 0.0])
+        if axis_name is not None:
+            local_stats = jax.lax.psum(local_stats, axis_name)
+        payload_bytes = compression.payload_nbytes(payloads) // contributes.shape[0]
+        metrics = {"num_contributing": count,
+                   "sync_bytes": jnp.asarray(float(num_workers * payload_bytes), jnp.float32),
+                   "compression_error": local_stats[0] / divisor,
+                   "error_buffer_norm": local_stats[1] / num_workers}
+        return delta, new_error, metrics
+
+    return average
 
 
 def outer_step(theta_ref: PyTree, outer_opt_state: PyTree, worker_params: PyTree,
                outer_tx: optax.GradientTransformation, active: jax.Array | None = None,
-               axis_name: str | None = None,
-               average: Averager = psum_average) -> tuple[PyTree, PyTree, dict]:
+               axis_name: str | None = None, average: Averager = psum_average,
+               error: PyTree = None) -> tuple[PyTree, PyTree, PyTree, dict]:
     """Outer optimizer step on any subtree of the parameters (the whole tree, or one fragment).
 
     ``C = {k : active[k] and delta_k is finite}``; ``delta = average(delta_k, k in C)``;
@@ -189,9 +313,10 @@ def outer_step(theta_ref: PyTree, outer_opt_state: PyTree, worker_params: PyTree
       outer_tx: the outer optimizer.
       active: optional bool ``[local workers]``; ``False`` leaves a worker out of the average.
       axis_name: mesh axis of the workers (``None`` when all workers are local).
-      average: the averager (see ``psum_average``); the hook for compressed averaging.
+      average: the averager (``psum_average``, or ``compressed_average(...)``).
+      error: the local workers' error-feedback buffers for the subtree (if the averager keeps any).
 
-    Returns the new ``theta``, the new outer state and metrics: the averager's scalars plus
+    Returns the new ``theta``, outer state, error buffers and metrics: the averager's scalars plus
     ``pseudograd_norm`` (norm of ``delta``) and, per local worker, ``worker_pseudograd_norm``,
     ``worker_cosine`` (cosine of ``delta_k`` with ``delta``) and ``worker_contributed``.
     """
@@ -199,7 +324,7 @@ def outer_step(theta_ref: PyTree, outer_opt_state: PyTree, worker_params: PyTree
     finite = _workers_all_finite(deltas, jax.tree.leaves(deltas)[0].shape[0])
     contributes = finite if active is None else finite & active
     clean = _select_workers(contributes, deltas, jax.tree.map(jnp.zeros_like, deltas))
-    delta, metrics = average(clean, contributes, axis_name)
+    delta, error, metrics = average(clean, contributes, error, axis_name)
 
     updates, new_outer_state = outer_tx.update(delta, outer_opt_state, theta_ref)
     new_theta = optax.apply_updates(theta_ref, updates)
@@ -208,37 +333,49 @@ def outer_step(theta_ref: PyTree, outer_opt_state: PyTree, worker_params: PyTree
     new_outer_state = _select(skip, outer_opt_state, new_outer_state)
 
     delta_norm = optax.tree.norm(delta)
-    worker_norm = jax.vmap(optax.tree.norm)(deltas)
-    worker_dot = jax.vmap(_tree_dot, in_axes=(0, None))(deltas, delta)
+    worker_norm = jax.vmap(optax.tree.norm)(clean)
+    worker_dot = jax.vmap(_tree_dot, in_axes=(0, None))(clean, delta)
     metrics = dict(metrics,
                    pseudograd_norm=delta_norm,
-                   worker_pseudograd_norm=worker_norm,
-                   worker_cosine=worker_dot / jnp.maximum(worker_norm * delta_norm, 1e-30),
+                   worker_pseudograd_norm=jnp.where(contributes, worker_norm, jnp.nan),
+                   worker_cosine=jnp.where(
+                       contributes, worker_dot / jnp.maximum(worker_norm * delta_norm, 1e-30),
+                       jnp.nan),
                    worker_contributed=contributes)
-    return new_theta, new_outer_state, metrics
+    return new_theta, new_outer_state, error, metrics
 
 
 def outer_sync(state: DiLoCoState, inner_tx: optax.GradientTransformation,
                outer_tx: optax.GradientTransformation, active: jax.Array | None = None,
-               axis_name: str | None = None,
-               average: Averager = psum_average) -> tuple[DiLoCoState, dict]:
-    """End of a round: ``outer_step`` on all parameters, then every worker restarts from theta.
+               axis_name: str | None = None, average: Averager = psum_average,
+               fragments: "tuple[Fragment, ...]" = (None,),
+               fragment_index: int = 0) -> tuple[DiLoCoState, dict]:
+    """Sync of one fragment (the whole tree without streaming): ``outer_step``, then every
+    worker restarts that fragment from the new theta.
 
-    Every worker (contributing or not) takes the new ``theta``; a worker keeps its inner optimizer
-    state unless that state holds a non-finite value, in which case it is re-initialised with
-    ``inner_tx.init(theta)`` (reported as ``worker_opt_state_reset``).  ``step`` is unchanged.
-    See ``outer_step`` for ``active``, ``axis_name``, ``average`` and the metrics.
+    Every worker (contributing or not) takes the new ``theta`` of the fragment; a worker keeps its
+    inner optimizer state unless that state holds a non-finite value, in which case it is
+    re-initialised with ``inner_tx.init(theta)`` (reported as ``worker_opt_state_reset``).
+    ``step`` is unchanged.  See ``outer_step`` for ``active``, ``axis_name``, ``average`` and the
+    metrics.
     """
-    theta, outer_opt_state, metrics = outer_step(
-        state.params, state.outer_opt_state, state.worker_params, outer_tx,
-        active=active, axis_name=axis_name, average=average)
+    fragment = fragments[fragment_index]
+    error = _subtree(state.error, fragment) if state.error != {} else {}
+    theta, fragment_outer_state, error, metrics = outer_step(
+        _subtree(state.params, fragment), state.outer_opt_state[fragment_index],
+        _subtree(state.worker_params, fragment), outer_tx, active=active, axis_name=axis_name,
+        average=average, error=error)
     num_local = jax.tree.leaves(state.worker_params)[0].shape[0]
+    params = _merge(state.params, theta, fragment)
+    worker_params = _merge(state.worker_params, _stack(theta, num_local), fragment)
     reset = ~_workers_all_finite(state.worker_opt_state, num_local)
-    worker_opt_state = _select_workers(reset, _stack(inner_tx.init(theta), num_local),
+    worker_opt_state = _select_workers(reset, _stack(inner_tx.init(params), num_local),
                                        state.worker_opt_state)
-    state = state._replace(params=theta, outer_opt_state=outer_opt_state,
-                           worker_params=_stack(theta, num_local),
-                           worker_opt_state=worker_opt_state)
+    outer_opt_state = tuple(fragment_outer_state if i == fragment_index else s
+                            for i, s in enumerate(state.outer_opt_state))
+    state = state._replace(params=params, outer_opt_state=outer_opt_state,
+                           worker_params=worker_params, worker_opt_state=worker_opt_state,
+                           error=_merge(state.error, error, fragment) if error != {} else {})
     return state, dict(metrics, worker_opt_state_reset=reset)
 
 
@@ -270,10 +407,15 @@ class DiLoCo:
       mesh: a mesh with axes ``("worker", "data")``; K must be divisible by its ``worker`` size.
       devices, data_parallelism: used when ``mesh`` is None: ``data_parallelism`` devices per
         worker, and the largest worker-axis size W that divides K and fits ``devices``.
-      average: the averager used by ``outer_sync`` (``psum_average`` by default).
+      average: the averager used by ``outer_sync`` (``psum_average`` by default, or
+        ``compressed_average(...)``).
+      fragments: streaming DiLoCo's fragments (see ``split_into_fragments``); the default is
+        one fragment, the whole tree.
+      error_feedback: keep per-worker error-feedback buffers in the state (for an averager
+        built with ``compressed_average(error_feedback=True)``).
 
     Sharding of ``DiLoCoState``: ``params``, ``outer_opt_state``, ``step`` replicated;
-    ``worker_params``, ``worker_opt_state`` split over ``worker`` along their leading K axis
+    ``worker_params``, ``worker_opt_state``, ``error`` split over ``worker`` along their leading K axis
     (``P("worker")``, replicated over ``data``).  Batches have leaves ``[K, B/K, ...]``
     sharded ``P("worker", "data")`` (``shard_batch`` makes them from a global ``[B, ...]`` batch);
     the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step`` and ``outer_sync``
@@ -282,7 +424,8 @@ class DiLoCo:
 
     def __init__(self, loss_fn: LossFn, inner_tx: optax.GradientTransformation,
                  outer_tx: optax.GradientTransformation, num_workers: int, mesh: Mesh | None = None,
-                 *, devices=None, data_parallelism: int = 1, average: Averager = psum_average):
+                 *, devices=None, data_parallelism: int = 1, average: Averager = psum_average,
+                 fragments: "tuple[Fragment, ...]" = (None,), error_feedback: bool = False):
         if mesh is None:
             devices = list(jax.devices() if devices is None else devices)
             mesh = make_mesh(math.gcd(num_workers, len(devices) // data_parallelism),
@@ -294,14 +437,15 @@ class DiLoCo:
             raise ValueError(f"diloco.num_workers={num_workers} must be a positive multiple of the "
                              f"mesh 'worker' axis size {worker_size}")
         self.loss_fn, self.inner_tx, self.outer_tx = loss_fn, inner_tx, outer_tx
-        self.num_workers, self.mesh = num_workers, mesh
+        self.num_workers, self.mesh, self.fragments = num_workers, mesh, tuple(fragments)
         self.data_parallelism = mesh.shape[DATA_AXIS]
 
         def sharding(spec):
             return NamedSharding(mesh, spec)
 
         self.state_specs = DiLoCoState(params=P(), outer_opt_state=P(), worker_params=P(WORKER_AXIS),
-                                       worker_opt_state=P(WORKER_AXIS), step=P())
+                                       worker_opt_state=P(WORKER_AXIS), error=P(WORKER_AXIS),
+                                       step=P())
         self.state_sharding = jax.tree.map(sharding, self.state_specs)
         self.batch_sharding = sharding(P(WORKER_AXIS, DATA_AXIS))
         self.active_sharding = sharding(P(WORKER_AXIS))
@@ -311,29 +455,36 @@ class DiLoCo:
         def local_inner(state, batch):
             return inner_step(state, batch, loss_fn, inner_tx, data_axis)
 
-        def local_outer(state, active):
-            state, metrics = outer_sync(state, inner_tx, outer_tx, active, WORKER_AXIS, average)
+        def local_outer(state, active, fragment_index):
+            state, metrics = outer_sync(state, inner_tx, outer_tx, active, WORKER_AXIS, average,
+                                        self.fragments, fragment_index)
             per_worker = {k: v for k, v in metrics.items() if k.startswith("worker_")}
             return state, {k: v for k, v in metrics.items() if k not in per_worker}, per_worker
 
         sharded_inner = jax.shard_map(
             local_inner, mesh=mesh, in_specs=(self.state_specs, P(WORKER_AXIS, DATA_AXIS)),
             out_specs=(self.state_specs, P(WORKER_AXIS)), check_vma=False)
-        sharded_outer = jax.shard_map(
-            local_outer, mesh=mesh, in_specs=(self.state_specs, P(WORKER_AXIS)),
-            out_specs=(self.state_specs, P(), P(WORKER_AXIS)), check_vma=False)
 
-        def outer_fn(state, active):
-            state, scalars, per_worker = sharded_outer(state, active)
-            return state, {**scalars, **per_worker}
+        def outer_fn(fragment_index):
+            sharded_outer = jax.shard_map(
+                lambda state, active: local_outer(state, active, fragment_index), mesh=mesh,
+                in_specs=(self.state_specs, P(WORKER_AXIS)),
+                out_specs=(self.state_specs, P(), P(WORKER_AXIS)), check_vma=False)
 
-        self._init = jax.jit(lambda params: init(params, inner_tx, outer_tx, num_workers),
-                             in_shardings=self.replicated, out_shardings=self.state_sharding)
+            def sync(state, active):
+                state, scalars, per_worker = sharded_outer(state, active)
+                return state, {**scalars, **per_worker}
+            return jax.jit(sync, donate_argnums=0,
+                           in_shardings=(self.state_sharding, self.active_sharding))
+
+        self._init = jax.jit(
+            lambda params: init(params, inner_tx, outer_tx, num_workers, self.fragments,
+                                error_feedback),
+            in_shardings=self.replicated, out_shardings=self.state_sharding)
         self._inner_step = jax.jit(sharded_inner, donate_argnums=0,
                                    in_shardings=(self.state_sharding, self.batch_sharding),
                                    out_shardings=(self.state_sharding, self.active_sharding))
-        self._outer_sync = jax.jit(outer_fn, donate_argnums=0,
-                                   in_shardings=(self.state_sharding, self.active_sharding))
+        self._outer_syncs = tuple(outer_fn(f) for f in range(len(self.fragments)))
         self._all_active = _global_array(np.ones(num_workers, bool), self.active_sharding)
 
     def init(self, params: PyTree) -> DiLoCoState:
@@ -376,10 +527,10 @@ class DiLoCo:
             self._check_batch_size(x.shape[1], per_worker=True)
         return self._inner_step(state, batch)
 
-    def outer_sync(self, state: DiLoCoState,
-                   active: np.ndarray | jax.Array | None = None) -> tuple[DiLoCoState, dict]:
-        """Outer sync over all K workers (see ``outer_sync``); ``active`` is an optional bool
-        ``[K]`` mask.  Metrics: ``pseudograd_norm``, ``num_contributing``, ``sync_bytes``
+    def outer_sync(self, state: DiLoCoState, active: np.ndarray | jax.Array | None = None,
+                   fragment_index: int = 0) -> tuple[DiLoCoState, dict]:
+        """Outer sync of one fragment (default: the only one) over all K workers (see
+        ``outer_sync``); ``active`` is an optional bool ``[K]`` mask.  Metrics: ``pseudograd_norm``, ``num_contributing``, ``sync_bytes``
         (scalars) and ``worker_pseudograd_norm``, ``worker_cosine``, ``worker_contributed``,
         ``worker_opt_state_reset`` (``[K]``)."""
         if active is None:
@@ -389,4 +540,4 @@ class DiLoCo:
             if active.shape != (self.num_workers,):
                 raise ValueError(f"active must have shape ({self.num_workers},), got {active.shape}")
             active = _global_array(active, self.active_sharding)
-        return self._outer_sync(state, active)
+        return self._outer_syncs[fragment_index](state, active)
