@@ -7,10 +7,13 @@ before anything is compiled and names the offending setting.
 
 import ml_collections
 
+from muloco_jax import compression
 from muloco_jax import data as data_lib
 
 OPTIMIZERS = ("adamw", "muon", "sgd")
-COMPRESSORS = ("none", "statistical", "linear", "topk")
+COMPRESSORS = compression.KINDS
+EXCLUDE_RULES = {"vectors": compression.exclude_vectors,
+                 "vectors_embedding_head": compression.exclude_vectors_embedding_head}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -66,13 +69,28 @@ def default_config() -> ml_collections.ConfigDict:
   c.diloco.data_parallelism = 1  # devices per worker (the mesh `data` axis)
   # The paper's weight-decay rescaling: wd *= (B / K) / reference; 0 = off (paper: 512).
   c.diloco.weight_decay_reference_batch = 0
+  c.diloco.num_fragments = 1     # streaming DiLoCo: F fragments synced at staggered steps
+
+  c.compression = ml_collections.ConfigDict()
+  c.compression.kind = "none"    # none | statistical | linear | topk
+  c.compression.bits = 2         # 1, 2, 4 or 8
+  c.compression.per_row = True   # quantizer statistics per row (else per tensor)
+  c.compression.topk_fraction = 0.05
+  c.compression.error_feedback = True
+  c.compression.error_decay = 0.9
+  c.compression.exclude = "vectors"  # vectors | vectors_embedding_head (the paper's runs)
+  c.compression.requantize_average = False  # the authors' re-quantization of the average
+  c.compression.table_dtype = "float16"     # statistical quantizer's decode table
   return c
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad setting; called before compilation."""
   from muloco_jax import model as model_lib  # the model module imports flax; keep this module light
-  model_lib.model_config(config.model.size, max_seq_len=config.model.max_seq_len)
+  try:
+    model_lib.model_config(config.model.size, max_seq_len=config.model.max_seq_len)
+  except ValueError as e:
+    raise ValueError(f"model.size={config.model.size!r}: {e}") from None
   _check(config.data.seq_len >= 1, "data.seq_len", config.data.seq_len, "must be >= 1")
   _check(config.data.seq_len <= config.model.max_seq_len, "data.seq_len", config.data.seq_len,
          f"exceeds the model's limit model.max_seq_len={config.model.max_seq_len}")
@@ -89,9 +107,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(d.num_workers >= 0, "diloco.num_workers", d.num_workers, "must be >= 0")
   _check(d.sync_every >= 1, "diloco.sync_every", d.sync_every, "(H) must be >= 1")
   _check(d.data_parallelism >= 1, "diloco.data_parallelism", d.data_parallelism, "must be >= 1")
+  _check(d.num_fragments >= 1, "diloco.num_fragments", d.num_fragments, "must be >= 1")
+  _check(d.num_fragments == 1 or not config.model.scan_layers, "diloco.num_fragments",
+         d.num_fragments, "> 1 needs model.scan_layers=False (fragments are layer ranges)")
+  c = config.compression
+  _check(c.kind in COMPRESSORS, "compression.kind", c.kind, f"is not one of {COMPRESSORS}")
+  _check(c.kind == "none" or d.num_workers >= 1, "compression.kind", c.kind,
+         "needs DiLoCo (diloco.num_workers >= 1)")
+  _check(c.exclude in EXCLUDE_RULES, "compression.exclude", c.exclude,
+         f"is not one of {EXCLUDE_RULES}")
+  compression_spec(config)  # validates bits, topk_fraction, table_dtype
   replicas = max(d.num_workers, 1) * d.data_parallelism
   _check(config.train.batch_size % replicas == 0, "train.batch_size", config.train.batch_size,
          f"must be divisible by diloco.num_workers x diloco.data_parallelism = {replicas}")
+
+
+def compression_spec(config: ml_collections.ConfigDict) -> compression.CompressionSpec:
+  """The `CompressionSpec` of `config.compression` (raises ValueError naming a bad field)."""
+  c = config.compression
+  return compression.CompressionSpec(kind=c.kind, bits=c.bits, per_row=c.per_row,
+                                     topk_fraction=c.topk_fraction, table_dtype=c.table_dtype)
 
 
 def _check(ok: bool, name: str, value, why: str) -> None:

@@ -8,6 +8,7 @@ an outer sync every H steps (MuLoCo when the inner optimizer is Muon).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -148,7 +149,7 @@ class DataParallel:
   def train_step(self, state, batch, step: int, final: bool):
     del step, final
     state, metrics = self._step(state, batch)
-    return state, metrics, None
+    return state, metrics, []
 
   @staticmethod
   def params(state):
@@ -156,19 +157,32 @@ class DataParallel:
 
 
 class DiLoCoAlgorithm:
-  """K DiLoCo workers on the ("worker", "data") mesh; an outer sync every H steps.
+  """K DiLoCo workers on the ("worker", "data") mesh; outer syncs every H steps.
 
-  A sync also closes the run when num_steps is not a multiple of H, so the
+  With F > 1 fragments (streaming DiLoCo), fragment f syncs at the steps where
+  (step - offset_f) % H == 0, offset_f = floor(H (f + 1) / F), as in the
+  authors' code; F = 1 syncs every H steps.  Pseudogradients are compressed when
+  `compression.kind` is not "none".  The last step syncs every fragment, so the
   evaluated shared parameters include every inner step.
   """
 
-  def __init__(self, loss_fn, inner_tx, config: ml_collections.ConfigDict):
-    d = config.diloco
+  def __init__(self, loss_fn, inner_tx, config: ml_collections.ConfigDict, param_shapes):
+    d, c = config.diloco, config.compression
     outer_tx = diloco_lib.outer_optimizer(d.outer_lr, d.outer_momentum, d.outer_nesterov)
-    self.diloco = diloco_lib.DiLoCo(loss_fn, inner_tx, outer_tx, d.num_workers,
-                                    data_parallelism=d.data_parallelism)
+    fragments = (diloco_lib.split_into_fragments(param_shapes, d.num_fragments)
+                 if d.num_fragments > 1 else (None,))
+    compressed = c.kind != "none"
+    average = diloco_lib.psum_average
+    if compressed:
+      average = diloco_lib.compressed_average(
+          config_lib.compression_spec(config), c.error_feedback, c.error_decay,
+          config_lib.EXCLUDE_RULES[c.exclude], c.requantize_average)
+    self.diloco = diloco_lib.DiLoCo(
+        loss_fn, inner_tx, outer_tx, d.num_workers, data_parallelism=d.data_parallelism,
+        average=average, fragments=fragments, error_feedback=compressed and c.error_feedback)
     self.mesh, self.sync_every = self.diloco.mesh, d.sync_every
     self.num_workers = d.num_workers
+    self.offsets = [d.sync_every * (f + 1) // len(fragments) for f in range(len(fragments))]
 
   def init(self, params):
     return self.diloco.init(params)
@@ -185,30 +199,34 @@ class DiLoCoAlgorithm:
     state, inner = self.diloco.inner_step(state, batch)
     metrics = {"train_loss": jnp.mean(inner["loss"]), "grad_norm": jnp.mean(inner["grad_norm"]),
                "worker_train_loss": inner["loss"]}
-    sync_metrics = None
-    if step % self.sync_every == 0 or final:
-      state, sync_metrics = self.diloco.outer_sync(state)
-      sync_metrics = dict(sync_metrics, worker_train_loss=inner["loss"])
-    return state, metrics, sync_metrics
+    due = [f for f, offset in enumerate(self.offsets)
+           if final or (step - offset) % self.sync_every == 0]
+    syncs = []
+    for fragment in due:
+      state, sync_metrics = self.diloco.outer_sync(state, fragment_index=fragment)
+      syncs.append(dict(sync_metrics, worker_train_loss=inner["loss"]))
+    return state, metrics, syncs
 
   @staticmethod
   def params(state):
     return state.params
 
 
-def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx):
+def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes):
   if config.diloco.num_workers == 0:
     return DataParallel(loss_fn, tx, diloco_lib.make_mesh(1, jax.device_count()))
-  return DiLoCoAlgorithm(loss_fn, tx, config)
+  return DiLoCoAlgorithm(loss_fn, tx, config, param_shapes)
 
 
-def _sync_record(sync_metrics: dict) -> dict:
-  """Host-side summary of a sync: per-worker lists plus their means/spreads."""
-  m = jax.device_get(sync_metrics)
+def _sync_record(syncs: list[dict]) -> dict:
+  """Host-side summary of a step's syncs (one per fragment synced): the last sync's metrics,
+  per-worker lists with their mean/spread, and the bytes of all of them."""
+  m = jax.device_get(syncs[-1])
   losses = np.asarray(m.pop("worker_train_loss"), np.float64)
   cosine = np.asarray(m["worker_cosine"], np.float64)
   return dict(m, worker_train_loss=losses, worker_train_loss_spread=losses.max() - losses.min(),
-              worker_cosine_mean=cosine.mean())
+              worker_cosine_mean=np.nanmean(cosine),
+              sync_bytes=sum(float(jax.device_get(s["sync_bytes"])) for s in syncs))
 
 
 # ----------------------------------------------------------------------------
@@ -244,14 +262,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loss_fn = make_loss_fn(model)
   tx = make_optimizer(config)
   schedule = make_schedule(config.optimizer, tc.num_steps)
-  algorithm = make_algorithm(config, loss_fn, tx)
+  # Jitted: eager init would compile every op of every layer's initialiser separately.
+  init_params = jax.jit(functools.partial(model_lib.init_params, model.config))
+  rng = jax.random.key(config.seed)
+  algorithm = make_algorithm(config, loss_fn, tx, jax.eval_shape(init_params, rng))
   devices = algorithm.mesh.size
   eval_batch = tc.eval_batch_size or tc.batch_size
   for name, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", eval_batch)):
     if size % devices:
       raise ValueError(f"{name}={size} must be divisible by the {devices} devices of the mesh.")
 
-  state = algorithm.init(model_lib.init_params(model.config, jax.random.key(config.seed)))
+  state = algorithm.init(init_params(rng))
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -274,35 +295,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        disable=not (tc.progress_bar and primary and sys.stderr.isatty()))
   record: dict = {}
   timer_step, timer_start = start_step, time.perf_counter()
-  for step in range(start_step + 1, tc.num_steps + 1):
-    final = step == tc.num_steps
-    batch = algorithm.place_batch(next(iterator), tc.batch_size)
-    state, metrics, sync_metrics = algorithm.train_step(state, batch, step, final)
-    record = {}
-    if sync_metrics is not None:
-      record.update(_sync_record(sync_metrics))
-      comm_bytes_total += float(record["sync_bytes"])
-      record["comm_bytes_total"] = comm_bytes_total
-    if step % tc.log_every == 0 or final:
-      metrics = jax.device_get(metrics)
-      step_time = (time.perf_counter() - timer_start) / (step - timer_step)
-      record.update(metrics, lr=float(schedule(step - 1)), step_time=step_time,
-                    tokens_per_sec=tokens_per_step / step_time)
-      progress.set_postfix(loss=f"{float(metrics['train_loss']):.3f}")
-    if step % tc.eval_every == 0 or final:
-      record.update(evaluate(algorithm.params(state)))
-    writer.write(step, record)
-    if step % tc.checkpoint_every == 0 or final:
-      checkpointer.save(step, state, {"data_iterator": iterator.get_state(),
-                                      "comm_bytes_total": comm_bytes_total})
-    if step % tc.log_every == 0 or step == start_step + 1:
-      jax.block_until_ready(state)  # time the next window without compilation, eval or saves
-      timer_step, timer_start = step, time.perf_counter()
-    progress.update(1)
-  progress.close()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+  try:
+    for step in range(start_step + 1, tc.num_steps + 1):
+      final = step == tc.num_steps
+      batch = algorithm.place_batch(next(iterator), tc.batch_size)
+      state, metrics, sync_metrics = algorithm.train_step(state, batch, step, final)
+      record = {}
+      if sync_metrics:
+        record.update(_sync_record(sync_metrics))
+        comm_bytes_total += float(record["sync_bytes"])
+        record["comm_bytes_total"] = comm_bytes_total
+      if step % tc.log_every == 0 or final:
+        metrics = jax.device_get(metrics)
+        step_time = (time.perf_counter() - timer_start) / (step - timer_step)
+        record.update(metrics, lr=float(schedule(step - 1)), step_time=step_time,
+                      tokens_per_sec=tokens_per_step / step_time)
+        progress.set_postfix(loss=f"{float(metrics['train_loss']):.3f}")
+      if step % tc.eval_every == 0 or final:
+        record.update(evaluate(algorithm.params(state)))
+      writer.write(step, record)
+      if step % tc.checkpoint_every == 0 or final:
+        checkpointer.save(step, state, {"data_iterator": iterator.get_state(),
+                                        "comm_bytes_total": comm_bytes_total})
+      if step % tc.log_every == 0 or step == start_step + 1:
+        jax.block_until_ready(state)  # time the next window without compilation, eval or saves
+        timer_step, timer_start = step, time.perf_counter()
+      progress.update(1)
+  finally:  # on an exception too: finish the checkpoint saves already started
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
   if primary and record:
     summary = ", ".join(f"{k} {record[k]:.4g}" for k in
                         ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_sec")
