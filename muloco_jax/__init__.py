@@ -1,8 +1,36 @@
-"""muloco_jax: MuLoCo (DiLoCo with Muon as the inner optimizer) in JAX/Flax."""
+"""muloco_jax: MuLoCo (DiLoCo with Muon as the inner optimizer) in JAX/Flax.
+
+The optimizer, DiLoCo, compression and model pieces import only jax, flax and
+optax; the training harness (`train_and_evaluate`, `default_config`,
+`get_dataset`) also pulls in tensorflow-datasets and grain, so it is imported on
+first use.
+"""
+import importlib
+
+from muloco_jax.compression import (
+    CompressionSpec,
+    compressed_nbytes,
+    decode,
+    encode,
+    error_feedback_tree,
+    pack_bits,
+    unpack_bits,
+)
+from muloco_jax.diloco import (
+    DiLoCo,
+    DiLoCoState,
+    compressed_average,
+    make_mesh,
+    outer_optimizer,
+    psum_average,
+    pseudogradient,
+    split_into_fragments,
+)
+from muloco_jax.model import ModelConfig, Transformer, model_config, param_count
 from muloco_jax.optim import (
     CLASSIC_COEFFICIENTS,
-    MULOCO_COEFFICIENTS,
     FLAX_DIMENSION_NUMBERS,
+    MULOCO_COEFFICIENTS,
     MuonDimensionNumbers,
     ScaleByMuonState,
     fan_in_fan_out,
@@ -12,3 +40,15 @@ from muloco_jax.optim import (
     orthogonalize,
     scale_by_muon,
 )
+
+_LAZY = {
+    "train_and_evaluate": "muloco_jax.train",
+    "default_config": "muloco_jax.config",
+    "get_dataset": "muloco_jax.data",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'muloco_jax' has no attribute {name!r}")
