@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
   # The paper's weight-decay rescaling: wd *= (B / K) / reference; 0 = off (paper: 512).
   c.diloco.weight_decay_reference_batch = 0
   c.diloco.num_fragments = 1     # streaming DiLoCo: F fragments synced at staggered steps
+  # Failure injection: "WORKER:START-END,..." loses worker WORKER for steps [START, END) (END
+  # empty: for good); it misses the syncs in that window and rejoins from the shared parameters.
+  c.diloco.drop_workers = ""
 
   c.compression = ml_collections.ConfigDict()
   c.compression.kind = "none"    # none | statistical | linear | topk
@@ -110,6 +113,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(d.num_fragments >= 1, "diloco.num_fragments", d.num_fragments, "must be >= 1")
   _check(d.num_fragments == 1 or not config.model.scan_layers, "diloco.num_fragments",
          d.num_fragments, "> 1 needs model.scan_layers=False (fragments are layer ranges)")
+  drop_schedule(config)  # validates diloco.drop_workers
   c = config.compression
   _check(c.kind in COMPRESSORS, "compression.kind", c.kind, f"is not one of {COMPRESSORS}")
   _check(c.kind == "none" or d.num_workers >= 1, "compression.kind", c.kind,
@@ -127,6 +131,25 @@ def compression_spec(config: ml_collections.ConfigDict) -> compression.Compressi
   c = config.compression
   return compression.CompressionSpec(kind=c.kind, bits=c.bits, per_row=c.per_row,
                                      topk_fraction=c.topk_fraction, table_dtype=c.table_dtype)
+
+
+def drop_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int, float]]:
+  """`diloco.drop_workers` as (worker, first lost step, first step back (inf: never))."""
+  spec, num_workers = config.diloco.drop_workers.strip(), config.diloco.num_workers
+  schedule = []
+  for entry in filter(None, (e.strip() for e in spec.split(","))):
+    try:
+      worker, window = entry.split(":")
+      start, end = window.split("-")
+      item = (int(worker), int(start), float(end) if end.strip() else float("inf"))
+    except ValueError as e:
+      raise ValueError(f"diloco.drop_workers={spec!r}: entry {entry!r} is not "
+                       "WORKER:START-END (END may be empty).") from e
+    _check(0 <= item[0] < num_workers, "diloco.drop_workers", spec,
+           f"names worker {item[0]}, outside [0, diloco.num_workers={num_workers})")
+    _check(item[1] < item[2], "diloco.drop_workers", spec, f"has an empty window in {entry!r}")
+    schedule.append(item)
+  return schedule
 
 
 def _check(ok: bool, name: str, value, why: str) -> None:

@@ -354,8 +354,9 @@ def outer_sync(state: DiLoCoState, inner_tx: optax.GradientTransformation,
     worker restarts that fragment from the new theta.
 
     Every worker (contributing or not) takes the new ``theta`` of the fragment; a worker keeps its
-    inner optimizer state unless that state holds a non-finite value, in which case it is
-    re-initialised with ``inner_tx.init(theta)`` (reported as ``worker_opt_state_reset``).
+    inner optimizer state unless that state holds a non-finite value or the worker is inactive
+    (a lost worker comes back without its state), in which case it is re-initialised with
+    ``inner_tx.init(theta)`` (reported as ``worker_opt_state_reset``).
     ``step`` is unchanged.  See ``outer_step`` for ``active``, ``axis_name``, ``average`` and the
     metrics.
     """
@@ -369,6 +370,8 @@ def outer_sync(state: DiLoCoState, inner_tx: optax.GradientTransformation,
     params = _merge(state.params, theta, fragment)
     worker_params = _merge(state.worker_params, _stack(theta, num_local), fragment)
     reset = ~_workers_all_finite(state.worker_opt_state, num_local)
+    if active is not None:
+        reset |= ~active
     worker_opt_state = _select_workers(reset, _stack(inner_tx.init(params), num_local),
                                        state.worker_opt_state)
     outer_opt_state = tuple(fragment_outer_state if i == fragment_index else s

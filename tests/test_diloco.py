@@ -232,6 +232,9 @@ def test_non_finite_and_inactive_workers_are_left_out():
 
     new, metrics = sync(poison_opt=[2])
     np.testing.assert_array_equal(metrics["worker_opt_state_reset"], [False, False, True, False])
+    # A lost (inactive) worker comes back from theta with a fresh inner optimizer state.
+    _, metrics = sync(active=np.array([True, False, True, True]))
+    np.testing.assert_array_equal(metrics["worker_opt_state_reset"], [False, True, False, False])
     for before, after in zip(jax.tree.leaves(saved.worker_opt_state),
                              jax.tree.leaves(host(new.worker_opt_state))):
         np.testing.assert_array_equal(after[2], np.zeros_like(after[2]))
