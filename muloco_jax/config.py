@@ -91,7 +91,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad setting; called before compilation."""
   from muloco_jax import model as model_lib  # the model module imports flax; keep this module light
   try:
-    model_lib.model_config(config.model.size, max_seq_len=config.model.max_seq_len)
+    model_config = model_lib.model_config(config.model.size, max_seq_len=config.model.max_seq_len)
   except ValueError as e:
     raise ValueError(f"model.size={config.model.size!r}: {e}") from None
   _check(config.data.seq_len >= 1, "data.seq_len", config.data.seq_len, "must be >= 1")
@@ -111,6 +111,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(d.sync_every >= 1, "diloco.sync_every", d.sync_every, "(H) must be >= 1")
   _check(d.data_parallelism >= 1, "diloco.data_parallelism", d.data_parallelism, "must be >= 1")
   _check(d.num_fragments >= 1, "diloco.num_fragments", d.num_fragments, "must be >= 1")
+  _check(d.num_fragments <= model_config.num_layers, "diloco.num_fragments", d.num_fragments,
+         f"exceeds the model's {model_config.num_layers} layers")
   _check(d.num_fragments == 1 or not config.model.scan_layers, "diloco.num_fragments",
          d.num_fragments, "> 1 needs model.scan_layers=False (fragments are layer ranges)")
   drop_schedule(config)  # validates diloco.drop_workers

@@ -8,9 +8,12 @@ an outer sync every H steps (MuLoCo when the inner optimizer is Muon).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -21,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -183,6 +187,15 @@ class DiLoCoAlgorithm:
     self.mesh, self.sync_every = self.diloco.mesh, d.sync_every
     self.num_workers = d.num_workers
     self.offsets = [d.sync_every * (f + 1) // len(fragments) for f in range(len(fragments))]
+    self.drop_schedule = config_lib.drop_schedule(config)
+
+  def active_workers(self, step: int) -> np.ndarray:
+    """Bool [K]: the workers not lost at `step` (see `diloco.drop_workers`)."""
+    active = np.ones(self.num_workers, bool)
+    for worker, start, end in self.drop_schedule:
+      if start <= step < end:
+        active[worker] = False
+    return active
 
   def init(self, params):
     return self.diloco.init(params)
@@ -197,13 +210,16 @@ class DiLoCoAlgorithm:
 
   def train_step(self, state, batch, step: int, final: bool):
     state, inner = self.diloco.inner_step(state, batch)
-    metrics = {"train_loss": jnp.mean(inner["loss"]), "grad_norm": jnp.mean(inner["grad_norm"]),
-               "worker_train_loss": inner["loss"]}
+    metrics = {"train_loss": jnp.mean(inner["loss"]), "grad_norm": jnp.mean(inner["grad_norm"])}
     due = [f for f, offset in enumerate(self.offsets)
            if final or (step - offset) % self.sync_every == 0]
     syncs = []
+    active = self.active_workers(step) if self.drop_schedule and due else None
+    if active is not None and not active.all():
+      logging.warning("Step %d: workers %s are lost and miss this sync; averaging over the "
+                      "%d survivors.", step, np.flatnonzero(~active).tolist(), active.sum())
     for fragment in due:
-      state, sync_metrics = self.diloco.outer_sync(state, fragment_index=fragment)
+      state, sync_metrics = self.diloco.outer_sync(state, active, fragment_index=fragment)
       syncs.append(dict(sync_metrics, worker_train_loss=inner["loss"]))
     return state, metrics, syncs
 
@@ -250,6 +266,37 @@ def make_evaluate(loss_fn, mesh, data: data_lib.LMData, config: ml_collections.C
   return evaluate
 
 
+class Preemption:
+  """Turns SIGTERM into a request the loop honours after the current step.
+
+  Every process must stop at the same step, so with several processes the
+  request is all-gathered each step (one tiny collective).
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+
+  def __enter__(self) -> "Preemption":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint after the current step, then exiting.")
+    self._requested = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._requested
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._requested))))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from WORKDIR's latest good checkpoint), evaluates, logs.
 
@@ -294,8 +341,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = tqdm.tqdm(total=tc.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=not (tc.progress_bar and primary and sys.stderr.isatty()))
   record: dict = {}
+  preempted = False
   timer_step, timer_start = start_step, time.perf_counter()
-  try:
+  with Preemption() as preemption, contextlib.ExitStack() as cleanup:
+    # On any exit, exceptions included: finish the checkpoint saves already started.
+    cleanup.callback(writer.close)
+    cleanup.callback(checkpointer.close)
+    cleanup.callback(checkpointer.wait)
+    cleanup.callback(progress.close)
     for step in range(start_step + 1, tc.num_steps + 1):
       final = step == tc.num_steps
       batch = algorithm.place_batch(next(iterator), tc.batch_size)
@@ -314,21 +367,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % tc.eval_every == 0 or final:
         record.update(evaluate(algorithm.params(state)))
       writer.write(step, record)
-      if step % tc.checkpoint_every == 0 or final:
+      preempted = preemption.requested()
+      if step % tc.checkpoint_every == 0 or final or preempted:
         checkpointer.save(step, state, {"data_iterator": iterator.get_state(),
-                                        "comm_bytes_total": comm_bytes_total})
+                                        "comm_bytes_total": comm_bytes_total}, force=preempted)
+      if preempted:
+        break
       if step % tc.log_every == 0 or step == start_step + 1:
         jax.block_until_ready(state)  # time the next window without compilation, eval or saves
         timer_step, timer_start = step, time.perf_counter()
       progress.update(1)
-  finally:  # on an exception too: finish the checkpoint saves already started
-    progress.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-  if primary and record:
+  if primary and preempted:
+    print(f"Preempted: saved the checkpoint of step {step} in {workdir}; run the same command "
+          "again to resume.", flush=True)
+  elif primary and record:
     summary = ", ".join(f"{k} {record[k]:.4g}" for k in
                         ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_sec")
                         if k in record)
     print(f"Finished {tc.num_steps} steps in {workdir}: {summary}", flush=True)
-  return record
+  return dict(record, preempted=preempted)
