@@ -3,6 +3,8 @@
 On several hosts, pass --coordinator_address, --num_processes and --process_id
 (or nothing on platforms where `jax.distributed.initialize()` finds them).
 """
+import sys
+
 from absl import app
 from absl import flags
 import jax
@@ -19,6 +21,22 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv):
+  """absl's parser, plus a one-line error for an override of a field the config lacks."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # what ml_collections raises for `--config.no.such`
+    message = e
+    while isinstance(message, BaseException) and message.args:
+      message = message.args[0]
+    key, _, hint = str(message).partition("\n")
+    key = key.strip("\"'")
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in overrides if key in a[len("--config."):].split(".")] or overrides
+    sys.exit(f"FATAL Flags parsing error: the config has no field {key!r} "
+             f"({', '.join(named)}). {hint}".rstrip())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -29,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

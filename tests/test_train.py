@@ -1,0 +1,289 @@
+"""End-to-end tests of the training harness (`train.train_and_evaluate`).
+
+Tiny model, byte-level KJV, 32-token sequences, batch 16, tens of steps; the
+conftest's 8 CPU devices make the data-parallel mesh 8 wide and the DiLoCo mesh
+4 workers wide.  Each run jits fresh closures, so the module shares XLA
+executables between runs through a temporary persistent compilation cache
+(identical programs, so bitwise-identical results, at a fraction of the compile
+time).
+
+Interruption is a simulated preemption: `MetricsWriter.write` raises after
+writing a chosen step, i.e. the run dies between two checkpoints with metrics
+logged past the last one.  The rerun of the same config must resume from that
+checkpoint and reproduce the uninterrupted run bit for bit (the lr schedule and
+the data order depend only on the config and the step).
+"""
+import glob
+import logging
+import math
+import os
+import shutil
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from muloco_jax import config as config_lib
+from muloco_jax import metrics as metrics_lib
+from muloco_jax import model as model_lib
+from muloco_jax import train
+
+TIMING = ("step_time", "tokens_per_sec")
+SYNC_KEYS = ("pseudograd_norm", "worker_train_loss", "worker_train_loss_spread",
+             "worker_cosine", "sync_bytes", "comm_bytes_total")
+BYTE_VOCAB = 257  # 256 bytes + EOS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {name: jax.config.values[name] for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))  # kjv is built (byte tokens) by the first run
+
+
+def _dp_config(data_dir):
+  c = config_lib.default_config()
+  c.model.size = "tiny"
+  c.model.dtype = "float32"
+  c.data.dir = data_dir
+  c.data.tokenizer = "byte"
+  c.data.seq_len = 32
+  c.train.num_steps = 24
+  c.train.batch_size = 16
+  c.train.log_every = 2
+  c.train.eval_every = 8
+  c.train.eval_steps = 2
+  c.train.checkpoint_every = 8
+  c.train.keep_checkpoints = 2
+  c.train.progress_bar = False
+  c.optimizer.warmup_steps = 4
+  return c
+
+
+def _muloco_config(data_dir):
+  """K=4 Muon workers, H=4, 10 steps: syncs at 4, 8 and the final step 10."""
+  c = _dp_config(data_dir)
+  c.train.num_steps = 10
+  c.train.log_every = 3        # sync steps 4 and 8 are not log steps
+  c.train.eval_every = 5
+  c.train.checkpoint_every = 3  # 6 is mid-round
+  c.optimizer.name = "muon"
+  c.optimizer.learning_rate = 0.02
+  c.optimizer.adam_learning_rate = 3e-3
+  c.optimizer.ns_dtype = "float32"
+  c.diloco.num_workers = 4
+  c.diloco.sync_every = 4
+  return c
+
+
+class _Preempted(Exception):
+  pass
+
+
+def _run_and_die_after(monkeypatch, config, workdir, step):
+  """Runs `config` in `workdir` until it dies right after logging `step`."""
+  write = metrics_lib.MetricsWriter.write
+
+  def write_then_die(self, s, record):
+    write(self, s, record)
+    if s == step:
+      raise _Preempted(f"preempted after step {s}")
+
+  with monkeypatch.context() as m:
+    m.setattr(metrics_lib.MetricsWriter, "write", write_then_die)
+    with pytest.raises(_Preempted):
+      train.train_and_evaluate(config, workdir)
+
+
+def _records(workdir):
+  """metrics.jsonl without the wall-clock fields."""
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in metrics_lib.read_metrics(workdir)]
+
+
+def _checkpointed_state(workdir, step):
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return jax.tree.map(np.asarray, state)
+
+
+def _assert_same_state(workdir, reference_workdir, step):
+  ours, theirs = _checkpointed_state(workdir, step), _checkpointed_state(reference_workdir, step)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def dp_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("dp"))
+  record = train.train_and_evaluate(_dp_config(data_dir), workdir)
+  return workdir, record
+
+
+@pytest.fixture(scope="module")
+def muloco_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("muloco"))
+  train.train_and_evaluate(_muloco_config(data_dir), workdir)
+  return workdir
+
+
+# ----------------------------------------------------------------------------
+# Data parallel.
+
+
+def test_dp_run_learns_and_logs(dp_run):
+  workdir, final = dp_run
+  records = metrics_lib.read_metrics(workdir)
+  assert [r["step"] for r in records] == list(range(2, 25, 2))  # log steps (evals are on them)
+  for r in records:
+    for key in ("train_loss", "lr", "grad_norm", "tokens_per_sec", "step_time"):
+      assert np.isfinite(r[key]), (r["step"], key)
+    assert ("eval_loss" in r) == (r["step"] % 8 == 0), r["step"]
+    assert not any(key in r for key in SYNC_KEYS)
+  evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+  train_losses = [r["train_loss"] for r in records]
+  assert train_losses[0] > math.log(BYTE_VOCAB) - 0.5  # starts near uniform
+  assert evals[-1] < evals[0] - 0.2
+  assert np.mean(train_losses[-3:]) < np.mean(train_losses[:3]) - 1.0
+  lrs = [r["lr"] for r in records]
+  assert max(lrs) == pytest.approx(3e-3, rel=0.05) and lrs[-1] < 0.25 * max(lrs)
+  assert final.pop("preempted") is False
+  assert final == {k: v for k, v in records[-1].items() if k != "step"}
+  events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  assert events and all(os.path.getsize(e) > 0 for e in events)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "24"]
+
+
+def test_dp_resume_after_preemption_matches_uninterrupted_run(dp_run, data_dir, tmp_path,
+                                                              monkeypatch):
+  reference, _ = dp_run
+  workdir = str(tmp_path)
+  _run_and_die_after(monkeypatch, _dp_config(data_dir), workdir, step=13)
+  assert metrics_lib.read_metrics(workdir)[-1]["step"] == 12  # logged past checkpoint 8
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8"]
+  train.train_and_evaluate(_dp_config(data_dir), workdir)
+  assert _records(workdir) == _records(reference)
+  _assert_same_state(workdir, reference, 24)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(dp_run, data_dir, tmp_path, caplog):
+  reference, _ = dp_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  latest = os.path.join(workdir, "checkpoints", "24")
+  for root, _, files in os.walk(latest):  # truncate every file of the newest checkpoint
+    for name in files:
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+  caplog.set_level(logging.INFO)
+  train.train_and_evaluate(_dp_config(data_dir), workdir)
+  assert "Checkpoint at step 24 could not be restored" in caplog.text
+  assert "Resumed from the checkpoint at step 16" in caplog.text
+  assert _records(workdir) == _records(reference)
+  # The unreadable checkpoint is kept aside and step 24 was saved again.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "24", "24.unreadable"]
+  _assert_same_state(workdir, reference, 24)
+
+
+# ----------------------------------------------------------------------------
+# DiLoCo (MuLoCo: Muon inner optimizer).
+
+
+def test_muloco_logs_sync_metrics_at_sync_steps(muloco_run):
+  records = {r["step"]: r for r in metrics_lib.read_metrics(muloco_run)}
+  assert sorted(records) == [3, 4, 5, 6, 8, 9, 10]  # log 3, 6, 9, 10; eval 5, 10; sync 4, 8, 10
+  params = model_lib.param_count(model_lib.model_config("tiny", vocab_size=BYTE_VOCAB))
+  comm_total = 0.0
+  for step, r in records.items():
+    synced = step in (4, 8, 10)
+    assert all((key in r) == synced for key in SYNC_KEYS), (step, sorted(r))
+    assert ("train_loss" in r) == (step in (3, 6, 9, 10)), step
+    if not synced:
+      continue
+    assert r["sync_bytes"] == 4 * 4 * params  # K float32 pseudogradients, uncompressed
+    comm_total += r["sync_bytes"]
+    assert r["comm_bytes_total"] == comm_total
+    assert len(r["worker_train_loss"]) == len(r["worker_cosine"]) == 4
+    spread = max(r["worker_train_loss"]) - min(r["worker_train_loss"])
+    assert r["worker_train_loss_spread"] == pytest.approx(spread)
+    assert r["pseudograd_norm"] > 0 and all(0 < c <= 1 + 1e-6 for c in r["worker_cosine"])
+  assert records[10]["eval_loss"] < min(records[5]["eval_loss"], math.log(BYTE_VOCAB) - 1)
+
+
+def test_muloco_resume_mid_round_matches_uninterrupted_run(muloco_run, data_dir, tmp_path,
+                                                           monkeypatch):
+  workdir = str(tmp_path)
+  _run_and_die_after(monkeypatch, _muloco_config(data_dir), workdir, step=7)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]  # 6: mid-round
+  train.train_and_evaluate(_muloco_config(data_dir), workdir)
+  assert _records(workdir) == _records(muloco_run)  # incl. sync metrics and comm_bytes_total
+  _assert_same_state(workdir, muloco_run, 10)
+
+
+# ----------------------------------------------------------------------------
+# Errors: raised before anything is compiled.
+
+
+@pytest.fixture
+def no_compilation():
+  """Fails the test if JAX traces, lowers or compiles anything."""
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event.startswith("/jax/core/compile/"):
+      events.append((event, kwargs.get("fun_name")))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield events
+  jax.monitoring.unregister_event_duration_listener(listener)
+  assert not events, events
+
+
+def _set(config, dotted, value):
+  section, name = dotted.split(".")
+  config[section][name] = value
+
+
+@pytest.mark.parametrize("overrides, setting", [
+    ({"model.size": "huge"}, "model.size"),
+    ({"optimizer.name": "adam"}, "optimizer.name"),
+    ({"optimizer.warmup_steps": 24}, "optimizer.warmup_steps"),
+    ({"data.seq_len": 4096}, "data.seq_len"),
+    ({"diloco.num_workers": 4, "diloco.data_parallelism": 2, "train.batch_size": 12},
+     "train.batch_size"),
+    ({"diloco.num_workers": 4, "diloco.sync_every": 0}, "diloco.sync_every"),
+])
+def test_bad_setting_raises_before_compiling(overrides, setting, data_dir, tmp_path,
+                                             no_compilation):
+  config = _dp_config(data_dir)
+  for dotted, value in overrides.items():
+    _set(config, dotted, value)
+  with pytest.raises(ValueError, match=rf"^{setting}="):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_missing_dataset_fails_at_once(tmp_path, no_compilation):
+  config = _dp_config(str(tmp_path / "empty"))
+  config.data.name = "lm1b"
+  with pytest.raises(ValueError, match="lm1b") as error:
+    train.train_and_evaluate(config, str(tmp_path / "workdir"))
+  assert str(tmp_path / "empty") in str(error.value)
+  assert not os.path.exists(tmp_path / "workdir")
