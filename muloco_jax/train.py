@@ -234,15 +234,24 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes)
   return DiLoCoAlgorithm(loss_fn, tx, config, param_shapes)
 
 
+def fetch(tree):
+  """Host copies of metric arrays, gathering those split across processes (per-worker ones)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
 def _sync_record(syncs: list[dict]) -> dict:
   """Host-side summary of a step's syncs (one per fragment synced): the last sync's metrics,
   per-worker lists with their mean/spread, and the bytes of all of them."""
-  m = jax.device_get(syncs[-1])
+  m = fetch(syncs[-1])
   losses = np.asarray(m.pop("worker_train_loss"), np.float64)
   cosine = np.asarray(m["worker_cosine"], np.float64)
   return dict(m, worker_train_loss=losses, worker_train_loss_spread=losses.max() - losses.min(),
               worker_cosine_mean=np.nanmean(cosine),
-              sync_bytes=sum(float(jax.device_get(s["sync_bytes"])) for s in syncs))
+              sync_bytes=sum(float(fetch(s["sync_bytes"])) for s in syncs))
 
 
 # ----------------------------------------------------------------------------
@@ -359,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         comm_bytes_total += float(record["sync_bytes"])
         record["comm_bytes_total"] = comm_bytes_total
       if step % tc.log_every == 0 or final:
-        metrics = jax.device_get(metrics)
+        metrics = fetch(metrics)
         step_time = (time.perf_counter() - timer_start) / (step - timer_step)
         record.update(metrics, lr=float(schedule(step - 1)), step_time=step_time,
                       tokens_per_sec=tokens_per_step / step_time)
