@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from muloco_jax import metrics as metrics_lib
 
@@ -45,6 +46,7 @@ def _wait(processes, timeout=400):
   return outputs
 
 
+@pytest.mark.slow  # ~100 s: three launcher runs; tests/test_diloco.py covers two processes quickly
 def test_two_processes_match_one(tmp_path):
   data_dir = tmp_path / "data"
   _wait([_start(tmp_path / "single", data_dir, 4)])  # builds the dataset too
