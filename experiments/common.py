@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results")
 DEFAULT_RUNS = os.environ.get("MULOCO_RUNS_DIR", "/tmp/muloco_runs")
 
-# The CPU-friendly scale of every sweep (see README_results.md for the measured cost).
+# The CPU-friendly scale of every sweep (see README.md for the measured cost).
 FULL = dict(num_steps=180, sync_every=30, warmup_steps=30, eval_every=60, log_every=10,
             eval_steps=8, seq_len=64, batch_size=32)
 # --smoke: a few steps of every cell (H=4 so that syncs and compression still run).

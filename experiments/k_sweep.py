@@ -1,6 +1,6 @@
 """Final eval loss vs the number of workers K: DP AdamW, DP Muon, DiLoCo, MuLoCo (issue 6.1).
 
-  python experiments/k_sweep.py              # the full sweep (see README_results.md for its cost)
+  python experiments/k_sweep.py              # the full sweep (see README.md for its cost)
   python experiments/k_sweep.py --smoke      # a few steps of every cell
 
 Every run has the same token budget (global batch, sequence length and steps); DiLoCo/MuLoCo sync

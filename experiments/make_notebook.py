@@ -86,7 +86,7 @@ finals = {name: [r["eval_loss"] for r in recs if "eval_loss" in r][-1] for name,
 finals"""),
     ("md", """With the default 120 steps MuLoCo usually ends lower than DiLoCo at the same K; the
 full small-scale sweeps (K = 1..16, compression, directional correctness) are in
-`experiments/` (see `experiments/README_results.md`)."""),
+`experiments/` (see `experiments/README.md`)."""),
 ]
 
 
