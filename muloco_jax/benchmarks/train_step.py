@@ -11,7 +11,7 @@ with float32 Newton-Schulz, for AdamW and Muon.
 Table 1, the jitted data-parallel step with `--batch_size` sequences per device:
 tokens/s and MFU = model FLOPs per token (`model.model_flops_per_token`) x
 tokens/s / peak, where the peak is the matmul rate measured in this run (large
-square matmuls of the compute dtype, as in `newton_schulz.matmul_rate`) times
+square matmuls of the compute dtype) times
 the number of devices (once for CPU: virtual CPU devices share the host's cores).
 
 Table 2, for K workers on a K-device mesh with `--batch_size` sequences per
@@ -113,8 +113,8 @@ def _xla_cost(jitted, *args) -> dict:
 def matmul_rate(dtype, repeats: int) -> float:
   """Best measured flop/s of a square matmul (sizes 512..2048) on the default device.
 
-  `newton_schulz.matmul_rate`'s measurement (best rather than median time), not
-  imported: that module defines flags of the same names as ours.
+  A simpler probe than newton_schulz.py's floor (one call at a time, so it can
+  read low on a shared machine, which only raises the MFU reported here).
   """
   best = 0.0
   matmul = jax.jit(lambda x: x @ x)
