@@ -259,18 +259,18 @@ def compressed_average(spec: compression.CompressionSpec, error_feedback: bool =
         payloads, new_error = jax.vmap(one_worker)(ef_in, deltas)
         sent = (jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
                 if error_feedback else deltas)
-        decoded_local = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))(
-            payloads)
+        decode_all = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))
+        decoded_local = decode_all(payloads)
         if error_feedback:
             new_error = _select_workers(contributes, new_error, error)
         else:
             new_error = error
 
-        gathered, all_contributes = payloads, contributes
-        if axis_name is not None:
+        decoded, all_contributes = decoded_local, contributes
+        if axis_name is not None:  # every worker decodes the other workers' payloads too
             gathered, all_contributes = jax.lax.all_gather((payloads, contributes), axis_name,
                                                            tiled=True)
-        decoded = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))(gathered)
+            decoded = decode_all(gathered)
         count, num_workers = _worker_count(contributes, axis_name)
         weights = all_contributes.astype(jnp.float32)
         divisor = jnp.maximum(count, 1).astype(jnp.float32)
