@@ -4,6 +4,7 @@ The global batch is split over the K workers (B/K sequences each); workers are s
 over the devices' `worker` mesh axis (several per device when K exceeds the devices).
   python -m muloco_jax.main --config=configs/diloco.py --workdir=/tmp/diloco
 """
+
 from muloco_jax.config import default_config
 
 
@@ -12,13 +13,13 @@ def get_config():
   config.model.size = "small"
   config.model.dtype = "float32"  # fast on CPU; the paper computes in bf16 on accelerators
   config.data.seq_len = 128
-  config.train.num_steps = 300   # 10 rounds of H=30
-  config.train.batch_size = 32    # global: 4 sequences per worker
+  config.train.num_steps = 300  # 10 rounds of H=30
+  config.train.batch_size = 32  # global: 4 sequences per worker
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 30
-  config.diloco.num_workers = 8   # K
-  config.diloco.sync_every = 30   # H
+  config.diloco.num_workers = 8  # K
+  config.diloco.sync_every = 30  # H
   config.diloco.outer_lr = 0.7
   config.diloco.outer_momentum = 0.9
   config.diloco.outer_nesterov = True

@@ -4,6 +4,7 @@ Muon (lr 0.02) updates the hidden matrices; its AdamW part (lr 3e-3) the embeddi
 head and norm gains.
   python -m muloco_jax.main --config=configs/dp_muon.py --workdir=/tmp/dp_muon
 """
+
 from muloco_jax.config import default_config
 
 
@@ -13,7 +14,7 @@ def get_config():
   config.model.dtype = "float32"  # fast on CPU; the paper computes in bf16 on accelerators
   config.data.seq_len = 128
   config.train.num_steps = 300
-  config.train.batch_size = 32    # global, as in the DiLoCo configs
+  config.train.batch_size = 32  # global, as in the DiLoCo configs
   config.optimizer.name = "muon"
   config.optimizer.learning_rate = 0.02
   config.optimizer.adam_learning_rate = 3e-3

@@ -3,6 +3,7 @@
 Runs on a 2-core laptop CPU in a few minutes and shows the eval loss falling:
   python -m muloco_jax.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 """
+
 from muloco_jax.config import default_config
 
 

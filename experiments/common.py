@@ -14,6 +14,7 @@ marker), RESULTS/<sweep>/results.{json,csv}, table.md and *.png.  Training workd
 metrics.jsonl, TensorBoard) go under RUNS/<sweep>/<cell>/, outside the repository by default, so an
 interrupted cell resumes from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,11 +33,27 @@ DEFAULT_RESULTS = os.path.join(HERE, "results")
 DEFAULT_RUNS = os.environ.get("MULOCO_RUNS_DIR", "/tmp/muloco_runs")
 
 # The CPU-friendly scale of every sweep (see README.md for the measured cost).
-FULL = dict(num_steps=180, sync_every=30, warmup_steps=30, eval_every=60, log_every=10,
-            eval_steps=8, seq_len=64, batch_size=32)
+FULL = dict(
+  num_steps=180,
+  sync_every=30,
+  warmup_steps=30,
+  eval_every=60,
+  log_every=10,
+  eval_steps=8,
+  seq_len=64,
+  batch_size=32,
+)
 # --smoke: a few steps of every cell (H=4 so that syncs and compression still run).
-SMOKE = dict(num_steps=8, sync_every=4, warmup_steps=2, eval_every=4, log_every=2,
-             eval_steps=1, seq_len=16, batch_size=16)
+SMOKE = dict(
+  num_steps=8,
+  sync_every=4,
+  warmup_steps=2,
+  eval_every=4,
+  log_every=2,
+  eval_steps=1,
+  seq_len=16,
+  batch_size=16,
+)
 
 # Good defaults (paper.md's reference run): AdamW 3e-3; Muon 0.02 with its AdamW part at 3e-3;
 # outer Nesterov SGD lr 0.7, momentum 0.9; H = 30.
@@ -52,12 +69,16 @@ def define_flags() -> None:
   flags.DEFINE_string("out", DEFAULT_RESULTS, "Results root; the sweep writes OUT/<sweep>/.")
   flags.DEFINE_string("runs", DEFAULT_RUNS, "Root of the training workdirs (checkpoints).")
   flags.DEFINE_bool("smoke", False, "A few steps of every cell, one learning rate each.")
-  flags.DEFINE_bool("keep_checkpoints", False,
-                    "Keep a finished cell's checkpoints (else only its metrics.jsonl stays).")
+  flags.DEFINE_bool(
+    "keep_checkpoints",
+    False,
+    "Keep a finished cell's checkpoints (else only its metrics.jsonl stays).",
+  )
   flags.DEFINE_integer("num_steps", 0, "Override the steps per run (0: the sweep's default).")
   flags.DEFINE_string("data_dir", None, "data.dir override (default: the library's cache).")
-  flags.DEFINE_bool("report_only", False,
-                    "Train nothing: tables and plots from the cells finished so far.")
+  flags.DEFINE_bool(
+    "report_only", False, "Train nothing: tables and plots from the cells finished so far."
+  )
 
 
 def scale(smoke: bool) -> dict:
@@ -70,12 +91,13 @@ def scale(smoke: bool) -> dict:
 def base_config(smoke: bool = False):
   """Tiny Llama-style model (d=128, 2 layers), byte-level KJV, float32, fixed token budget."""
   from muloco_jax.config import default_config
+
   s = scale(smoke)
   c = default_config()
   c.model.size = "tiny"
-  c.model.dtype = "float32"          # bf16 matmuls are slow on CPUs
+  c.model.dtype = "float32"  # bf16 matmuls are slow on CPUs
   c.data.name = "kjv"
-  c.data.tokenizer = "byte"          # vocab 257: the output head stays cheap on a CPU
+  c.data.tokenizer = "byte"  # vocab 257: the output head stays cheap on a CPU
   c.data.seq_len = s["seq_len"]
   if flags.FLAGS.is_parsed() and flags.FLAGS["data_dir"].value:
     c.data.dir = flags.FLAGS["data_dir"].value
@@ -88,7 +110,7 @@ def base_config(smoke: bool = False):
   c.train.keep_checkpoints = 1
   c.train.progress_bar = False
   c.optimizer.warmup_steps = s["warmup_steps"]
-  c.optimizer.ns_dtype = "float32"   # bf16 Newton-Schulz is slow on CPUs
+  c.optimizer.ns_dtype = "float32"  # bf16 Newton-Schulz is slow on CPUs
   c.diloco.sync_every = s["sync_every"]
   c.diloco.outer_lr = OUTER_LR
   c.diloco.outer_momentum = OUTER_MOMENTUM
@@ -98,9 +120,11 @@ def base_config(smoke: bool = False):
 def method_overrides(method: str, num_workers: int = 0, lr: float | None = None) -> dict:
   """Overrides of one of the four methods: dp_adamw, dp_muon, diloco (AdamW inner), muloco."""
   muon = method in ("dp_muon", "muloco")
-  out = {"optimizer.name": "muon" if muon else "adamw",
-         "optimizer.learning_rate": lr if lr is not None else (MUON_LR if muon else ADAMW_LR),
-         "diloco.num_workers": 0 if method.startswith("dp_") else num_workers}
+  out = {
+    "optimizer.name": "muon" if muon else "adamw",
+    "optimizer.learning_rate": lr if lr is not None else (MUON_LR if muon else ADAMW_LR),
+    "diloco.num_workers": 0 if method.startswith("dp_") else num_workers,
+  }
   if muon:
     out["optimizer.adam_learning_rate"] = MUON_ADAM_LR
   return out
@@ -148,10 +172,15 @@ def summarize(records: list[dict]) -> dict:
   syncs = [r for r in records if "sync_bytes" in r]
   times = [r["step_time"] for r in records if "step_time" in r]
   final = records[-1] if records else {}
-  out = {"final_eval_loss": final.get("eval_loss"), "final_train_loss": final.get("train_loss"),
-         "train_curve": train, "eval_curve": evals, "num_syncs": len(syncs),
-         "comm_bytes_total": syncs[-1]["comm_bytes_total"] if syncs else 0.0,
-         "median_step_time": sorted(times)[len(times) // 2] if times else None}
+  out = {
+    "final_eval_loss": final.get("eval_loss"),
+    "final_train_loss": final.get("train_loss"),
+    "train_curve": train,
+    "eval_curve": evals,
+    "num_syncs": len(syncs),
+    "comm_bytes_total": syncs[-1]["comm_bytes_total"] if syncs else 0.0,
+    "median_step_time": sorted(times)[len(times) // 2] if times else None,
+  }
   for key in ("worker_cosine_mean", "compression_error", "pseudograd_norm"):
     vals = [r[key] for r in syncs if key in r and r[key] is not None]
     if vals:
@@ -159,10 +188,18 @@ def summarize(records: list[dict]) -> dict:
   return out
 
 
-def run_cell(sweep: str, name: str, overrides: dict, *, smoke: bool = False,
-             out: str | None = None, runs: str | None = None,
-             keep_checkpoints: bool | None = None, info: dict | None = None,
-             shared_with: Sequence[str] = ()) -> dict | None:
+def run_cell(
+  sweep: str,
+  name: str,
+  overrides: dict,
+  *,
+  smoke: bool = False,
+  out: str | None = None,
+  runs: str | None = None,
+  keep_checkpoints: bool | None = None,
+  info: dict | None = None,
+  shared_with: Sequence[str] = (),
+) -> dict | None:
   """Trains one cell unless OUT/<sweep>/cells/<name>.json exists; returns its summary
   (None for an unfinished cell under --report_only).
 
@@ -172,6 +209,7 @@ def run_cell(sweep: str, name: str, overrides: dict, *, smoke: bool = False,
   """
   from muloco_jax import metrics as metrics_lib
   from muloco_jax import train
+
   fl = flags.FLAGS
   out = out or fl.out
   runs = runs or fl.runs
@@ -198,12 +236,20 @@ def run_cell(sweep: str, name: str, overrides: dict, *, smoke: bool = False,
   if not records or records[-1]["step"] != config.train.num_steps:
     # e.g. a SIGTERM made train_and_evaluate checkpoint and return early: no result file, so
     # the next invocation resumes this cell.
-    raise RuntimeError(f"{sweep}/{name} stopped before step {config.train.num_steps}; "
-                       "run the sweep again to resume it.")
+    raise RuntimeError(
+      f"{sweep}/{name} stopped before step {config.train.num_steps}; "
+      "run the sweep again to resume it."
+    )
   summary = summarize(records)
-  summary.update(cell=name, sweep=sweep, overrides=overrides, wall_seconds=wall, smoke=smoke,
-                 tokens=config.train.num_steps * config.train.batch_size * config.data.seq_len,
-                 **(info or {}))
+  summary.update(
+    cell=name,
+    sweep=sweep,
+    overrides=overrides,
+    wall_seconds=wall,
+    smoke=smoke,
+    tokens=config.train.num_steps * config.train.batch_size * config.data.seq_len,
+    **(info or {}),
+  )
   save_json(result_path, summary)
   if not keep:
     shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
@@ -211,9 +257,16 @@ def run_cell(sweep: str, name: str, overrides: dict, *, smoke: bool = False,
   return summary
 
 
-def write_results(sweep: str, rows: Sequence[dict], columns: Sequence[str], table_rows: Sequence[
-    Sequence[Any]], table_header: Sequence[str], title: str, out: str | None = None,
-                  notes: Iterable[str] = ()) -> str:
+def write_results(
+  sweep: str,
+  rows: Sequence[dict],
+  columns: Sequence[str],
+  table_rows: Sequence[Sequence[Any]],
+  table_header: Sequence[str],
+  title: str,
+  out: str | None = None,
+  notes: Iterable[str] = (),
+) -> str:
   """results.json (full rows), results.csv (`columns` of each row) and table.md of a sweep."""
   path = sweep_dir(sweep, out)
   save_json(os.path.join(path, "results.json"), list(rows))
@@ -222,8 +275,12 @@ def write_results(sweep: str, rows: Sequence[dict], columns: Sequence[str], tabl
     w.writerow(columns)
     for r in rows:
       w.writerow([_fmt(r.get(c)) for c in columns])
-  lines = [f"## {title}", "", "| " + " | ".join(table_header) + " |",
-           "|" + "---|" * len(table_header)]
+  lines = [
+    f"## {title}",
+    "",
+    "| " + " | ".join(table_header) + " |",
+    "|" + "---|" * len(table_header),
+  ]
   lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table_rows]
   lines += [""] + [f"{n}" for n in notes]
   with open(os.path.join(path, "table.md"), "w") as f:
@@ -239,13 +296,25 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
-def plot_lines(path: str, series: dict, *, title: str, xlabel: str, ylabel: str,
-               logx: bool = False, xticks: Sequence | None = None, xticklabels=None,
-               ylim=None, styles: dict | None = None) -> str:
+def plot_lines(
+  path: str,
+  series: dict,
+  *,
+  title: str,
+  xlabel: str,
+  ylabel: str,
+  logx: bool = False,
+  xticks: Sequence | None = None,
+  xticklabels=None,
+  ylim=None,
+  styles: dict | None = None,
+) -> str:
   """One figure of named lines: series = {label: (xs, ys)}; a small PNG at `path`."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, (xs, ys) in series.items():
     kw = dict(marker="o", markersize=3)
@@ -272,6 +341,7 @@ def plot_lines(path: str, series: dict, *, title: str, xlabel: str, ylabel: str,
 def setup_jax() -> None:
   """CPU defaults for the sweeps: float32 everywhere, a persistent compilation cache."""
   import jax
+
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   jax.config.update("jax_compilation_cache_dir", os.path.join(DEFAULT_RUNS, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

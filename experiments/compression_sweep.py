@@ -9,6 +9,7 @@ top-k 5% -- each with and without error feedback (decay 0.9) -- for MuLoCo (Muon
 The uncompressed K=8 cells are the k_sweep's cells with the same config (reused when present).
 Resumable: finished cells (results/compression/cells/*.json) are skipped.
 """
+
 import os
 import sys
 
@@ -22,23 +23,32 @@ SWEEP = "compression"
 METHODS = {"muloco": "MuLoCo", "diloco": "DiLoCo"}
 # (label, compression overrides without error_feedback)
 COMPRESSORS = (
-    ("statistical-8bit", {"compression.kind": "statistical", "compression.bits": 8}),
-    ("statistical-4bit", {"compression.kind": "statistical", "compression.bits": 4}),
-    ("statistical-2bit", {"compression.kind": "statistical", "compression.bits": 2}),
-    ("linear-2bit", {"compression.kind": "linear", "compression.bits": 2}),
-    ("topk-5pct", {"compression.kind": "topk", "compression.topk_fraction": 0.05}),
+  ("statistical-8bit", {"compression.kind": "statistical", "compression.bits": 8}),
+  ("statistical-4bit", {"compression.kind": "statistical", "compression.bits": 4}),
+  ("statistical-2bit", {"compression.kind": "statistical", "compression.bits": 2}),
+  ("linear-2bit", {"compression.kind": "linear", "compression.bits": 2}),
+  ("topk-5pct", {"compression.kind": "topk", "compression.topk_fraction": 0.05}),
 )
 # Run order (most informative first, so that a cut-short sweep still answers the main questions).
-PRIORITY = ("none", "statistical-2bit", "linear-2bit", "statistical-4bit", "topk-5pct",
-            "statistical-8bit")
+PRIORITY = (
+  "none",
+  "statistical-2bit",
+  "linear-2bit",
+  "statistical-4bit",
+  "topk-5pct",
+  "statistical-8bit",
+)
 
 # Inner learning rates: the best of the k_sweep's grid for the DP baselines (its defaults).
 LRS = {"muloco": 0.04, "diloco": 6e-3}
 
 common.define_flags()
 flags.DEFINE_integer("k", 8, "Number of workers K.")
-flags.DEFINE_list("compressors", [c for c, _ in COMPRESSORS],
-                  "Compressors to run (the uncompressed cells always run).")
+flags.DEFINE_list(
+  "compressors",
+  [c for c, _ in COMPRESSORS],
+  "Compressors to run (the uncompressed cells always run).",
+)
 
 
 def cells(k, only=None):
@@ -55,8 +65,9 @@ def cells(k, only=None):
           if ef:
             out.append((method, "none", None, base))
         else:
-          out.append((method, label, ef, {**base, **comps[label],
-                                          "compression.error_feedback": ef}))
+          out.append(
+            (method, label, ef, {**base, **comps[label], "compression.error_feedback": ef})
+          )
   return out
 
 
@@ -77,9 +88,14 @@ def main(argv):
     raise app.UsageError(f"--compressors: unknown {sorted(unknown)}")
   for method, comp, ef, overrides in cells(k, fl.compressors):
     name = _name(method, k, comp, ef, overrides)
-    r = common.run_cell(SWEEP, name, overrides, smoke=fl.smoke,
-                        info=dict(method=method, K=k, compressor=comp, error_feedback=ef),
-                        shared_with=("k_sweep",) if comp == "none" else ())
+    r = common.run_cell(
+      SWEEP,
+      name,
+      overrides,
+      smoke=fl.smoke,
+      info=dict(method=method, K=k, compressor=comp, error_feedback=ef),
+      shared_with=("k_sweep",) if comp == "none" else (),
+    )
     if r is None:
       continue
     r.update(method=method, compressor=comp, error_feedback=ef)
@@ -91,29 +107,51 @@ def main(argv):
     # bits per parameter actually sent, relative to fp32 (32 bits) of the uncompressed cell
     r["bits_per_param"] = 32.0 * r["comm_bytes_total"] / ref["comm_bytes_total"]
     r["loss_vs_uncompressed"] = r["final_eval_loss"] - ref["final_eval_loss"]
-  header = ["compressor", "EF"] + [f"{v} loss" for v in METHODS.values()] + \
-           [f"{v} - uncompressed" for v in METHODS.values()] + ["bits/param", "bytes sent (MuLoCo)"]
+  header = (
+    ["compressor", "EF"]
+    + [f"{v} loss" for v in METHODS.values()]
+    + [f"{v} - uncompressed" for v in METHODS.values()]
+    + ["bits/param", "bytes sent (MuLoCo)"]
+  )
   table = []
   keyed = {(r["method"], r["compressor"], r["error_feedback"]): r for r in results}
   for comp, ef in [("none", None)] + [(c, e) for c, _ in COMPRESSORS for e in (True, False)]:
     if not all((m, comp, ef) in keyed for m in METHODS):
       continue  # not run (yet)
     rs = [keyed[(m, comp, ef)] for m in METHODS]
-    table.append([comp, "-" if ef is None else ("on" if ef else "off")] +
-                 [f"{r['final_eval_loss']:.4f}" for r in rs] +
-                 [f"{r['loss_vs_uncompressed']:+.4f}" for r in rs] +
-                 [f"{rs[0]['bits_per_param']:.2f}", f"{rs[0]['comm_bytes_total']:.3g}"])
+    table.append(
+      [comp, "-" if ef is None else ("on" if ef else "off")]
+      + [f"{r['final_eval_loss']:.4f}" for r in rs]
+      + [f"{r['loss_vs_uncompressed']:+.4f}" for r in rs]
+      + [f"{rs[0]['bits_per_param']:.2f}", f"{rs[0]['comm_bytes_total']:.3g}"]
+    )
   s = common.scale(fl.smoke)
-  notes = [f"K={k}, H={s['sync_every']}, {s['num_steps']} steps x {s['batch_size']} seqs x "
-           f"{s['seq_len']} tokens; MuLoCo lr {LRS['muloco']} (AdamW part "
-           f"{common.MUON_ADAM_LR}), DiLoCo lr {LRS['diloco']}; outer lr {common.OUTER_LR}, "
-           f"momentum {common.OUTER_MOMENTUM}. bits/param = 32 x bytes sent / bytes of the "
-           "uncompressed run (all K workers' payloads, all syncs; norm gains stay fp32)."]
+  notes = [
+    f"K={k}, H={s['sync_every']}, {s['num_steps']} steps x {s['batch_size']} seqs x "
+    f"{s['seq_len']} tokens; MuLoCo lr {LRS['muloco']} (AdamW part "
+    f"{common.MUON_ADAM_LR}), DiLoCo lr {LRS['diloco']}; outer lr {common.OUTER_LR}, "
+    f"momentum {common.OUTER_MOMENTUM}. bits/param = 32 x bytes sent / bytes of the "
+    "uncompressed run (all K workers' payloads, all syncs; norm gains stay fp32)."
+  ]
   path = common.write_results(
-      SWEEP, results, ["method", "compressor", "error_feedback", "final_eval_loss",
-                       "loss_vs_uncompressed", "comm_bytes_total", "bits_per_param",
-                       "mean_compression_error", "wall_seconds"],
-      table, header, f"Compressed pseudogradients, K={k}", notes=notes)
+    SWEEP,
+    results,
+    [
+      "method",
+      "compressor",
+      "error_feedback",
+      "final_eval_loss",
+      "loss_vs_uncompressed",
+      "comm_bytes_total",
+      "bits_per_param",
+      "mean_compression_error",
+      "wall_seconds",
+    ],
+    table,
+    header,
+    f"Compressed pseudogradients, K={k}",
+    notes=notes,
+  )
 
   series, styles = {}, {}
   stat = ["none", "statistical-8bit", "statistical-4bit", "statistical-2bit"]
@@ -121,12 +159,21 @@ def main(argv):
   for method, mlabel in METHODS.items():
     for ef in (True, False):
       tag = f"{mlabel} {'EF' if ef else 'no EF'}"
-      color = {("muloco", True): "C0", ("muloco", False): "C9", ("diloco", True): "C3",
-               ("diloco", False): "C1"}[(method, ef)]
-      rs = [keyed[(method, c, None if c == "none" else ef)] for c in stat
-            if (method, c, None if c == "none" else ef) in keyed]
-      series[f"{tag}: statistical"] = ([r["bits_per_param"] for r in rs],
-                                       [r["final_eval_loss"] for r in rs])
+      color = {
+        ("muloco", True): "C0",
+        ("muloco", False): "C9",
+        ("diloco", True): "C3",
+        ("diloco", False): "C1",
+      }[(method, ef)]
+      rs = [
+        keyed[(method, c, None if c == "none" else ef)]
+        for c in stat
+        if (method, c, None if c == "none" else ef) in keyed
+      ]
+      series[f"{tag}: statistical"] = (
+        [r["bits_per_param"] for r in rs],
+        [r["final_eval_loss"] for r in rs],
+      )
       styles[f"{tag}: statistical"] = dict(color=color, linestyle="-" if ef else ":")
       for comp, marker in markers.items():
         if (method, comp, ef) not in keyed:
@@ -134,10 +181,16 @@ def main(argv):
         r = keyed[(method, comp, ef)]
         series[f"{tag}: {comp}"] = ([r["bits_per_param"]], [r["final_eval_loss"]])
         styles[f"{tag}: {comp}"] = dict(color=color, marker=marker, markersize=7, linestyle="")
-  common.plot_lines(os.path.join(path, "loss_vs_bits.png"), series, styles=styles, logx=True,
-                    title=f"Final eval loss vs bits sent per parameter (K={k})",
-                    xlabel="bits per parameter per sync (32 = fp32)",
-                    ylabel="eval loss (nats/byte)", xticks=[1, 2, 4, 8, 32])
+  common.plot_lines(
+    os.path.join(path, "loss_vs_bits.png"),
+    series,
+    styles=styles,
+    logx=True,
+    title=f"Final eval loss vs bits sent per parameter (K={k})",
+    xlabel="bits per parameter per sync (32 = fp32)",
+    ylabel="eval loss (nats/byte)",
+    xticks=[1, 2, 4, 8, 32],
+  )
   print(open(os.path.join(path, "table.md")).read())
 
 

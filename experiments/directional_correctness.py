@@ -13,6 +13,7 @@ measured per parameter matrix ("layer") and per block, for AdamW (DiLoCo) and Mu
 optimizers.  Uses `muloco_jax.diloco`'s pure `init` / `inner_step` / `pseudogradient`.
 Resumable: one result file per (optimizer, warm-up point) under results/directional/cells/.
 """
+
 import functools
 import os
 import sys
@@ -61,7 +62,8 @@ def measure(optimizer: str, warmup: int, ks, smoke: bool) -> dict:
   loss_fn = train.make_loss_fn(model)
   tx = train.make_optimizer(config)
   params = jax.jit(functools.partial(model_lib.init_params, model.config))(
-      jax.random.key(config.seed))
+    jax.random.key(config.seed)
+  )
   opt_state = tx.init(params)
 
   @jax.jit
@@ -79,8 +81,9 @@ def measure(optimizer: str, warmup: int, ks, smoke: bool) -> dict:
 
   def averaged_pseudogradient(k):
     state = diloco.init(params, tx, outer_tx, k)
-    state = state._replace(worker_opt_state=jax.tree.map(
-        lambda x: jnp.broadcast_to(x, (k,) + jnp.shape(x)), opt_state))
+    state = state._replace(
+      worker_opt_state=jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + jnp.shape(x)), opt_state)
+    )
     losses = []
     for b in batches:
       split = {n: jnp.asarray(v).reshape((k, batch_size // k) + v.shape[1:]) for n, v in b.items()}
@@ -92,16 +95,24 @@ def measure(optimizer: str, warmup: int, ks, smoke: bool) -> dict:
   reference, ref_losses = averaged_pseudogradient(1)
   ref_leaves = jax.tree_util.tree_flatten_with_path(reference)[0]
   names = [_leaf_name(p) for p, _ in ref_leaves]
-  out = {"optimizer": optimizer, "warmup": warmup, "H": h, "batch_size": batch_size,
-         "leaves": names, "shapes": [list(np.shape(x)) for _, x in ref_leaves],
-         "ref_final_loss": ref_losses[-1], "per_k": {}}
+  out = {
+    "optimizer": optimizer,
+    "warmup": warmup,
+    "H": h,
+    "batch_size": batch_size,
+    "leaves": names,
+    "shapes": [list(np.shape(x)) for _, x in ref_leaves],
+    "ref_final_loss": ref_losses[-1],
+    "per_k": {},
+  }
   ref = [np.asarray(x, np.float64).ravel() for _, x in ref_leaves]
   for k in ks:
     print(f"  {optimizer} warmup {warmup}: K={k}", flush=True)
     avg, losses = averaged_pseudogradient(k)
     got = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(avg)]
-    cos = [float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-           for a, b in zip(got, ref)]
+    cos = [
+      float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)) for a, b in zip(got, ref)
+    ]
     blocks = {}
     for name, a, b in zip(names, got, ref):
       blocks.setdefault(_block(name), []).append((a, b))
@@ -113,11 +124,13 @@ def measure(optimizer: str, warmup: int, ks, smoke: bool) -> dict:
     a, b = np.concatenate(got), np.concatenate(ref)
     matrices = [c for c, shape in zip(cos, out["shapes"]) if len(shape) >= 2]
     out["per_k"][str(k)] = {
-        "leaf_cosine": cos, "block_cosine": block_cos,
-        "mean_matrix_cosine": float(np.mean(matrices)),
-        "global_cosine": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)),
-        "norm_ratio": float(np.linalg.norm(a) / max(np.linalg.norm(b), 1e-30)),
-        "final_worker_loss": losses[-1]}
+      "leaf_cosine": cos,
+      "block_cosine": block_cos,
+      "mean_matrix_cosine": float(np.mean(matrices)),
+      "global_cosine": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)),
+      "norm_ratio": float(np.linalg.norm(a) / max(np.linalg.norm(b), 1e-30)),
+      "final_worker_loss": losses[-1],
+    }
   return out
 
 
@@ -131,8 +144,11 @@ def main(argv):
   results = []
   for optimizer in OPTIMIZERS:
     for warmup in warmups:
-      cell = os.path.join(path, "cells", common.cell_name(optimizer, f"warmup{warmup}",
-                                                          "smoke" if fl.smoke else "") + ".json")
+      cell = os.path.join(
+        path,
+        "cells",
+        common.cell_name(optimizer, f"warmup{warmup}", "smoke" if fl.smoke else "") + ".json",
+      )
       if os.path.exists(cell):
         print(f"{SWEEP}/{os.path.basename(cell)}: done already, skipped.")
         results.append(common.load_json(cell))
@@ -146,35 +162,57 @@ def main(argv):
   for r in results:
     for k in ks:
       p = r["per_k"][str(k)]
-      rows.append(dict(optimizer=r["optimizer"], warmup=r["warmup"], K=k,
-                       mean_matrix_cosine=p["mean_matrix_cosine"],
-                       global_cosine=p["global_cosine"], norm_ratio=p["norm_ratio"],
-                       **{f"cos_{b}": v for b, v in p["block_cosine"].items()}))
+      rows.append(
+        dict(
+          optimizer=r["optimizer"],
+          warmup=r["warmup"],
+          K=k,
+          mean_matrix_cosine=p["mean_matrix_cosine"],
+          global_cosine=p["global_cosine"],
+          norm_ratio=p["norm_ratio"],
+          **{f"cos_{b}": v for b, v in p["block_cosine"].items()},
+        )
+      )
   blocks = sorted({b for r in results for b in r["per_k"][str(ks[0])]["block_cosine"]})
   for r in results:
-    table.append([OPTIMIZERS[r["optimizer"]][1], r["warmup"]] +
-                 [f"{r['per_k'][str(k)]['mean_matrix_cosine']:.3f}" for k in ks] +
-                 [f"{r['per_k'][str(ks[-1])]['global_cosine']:.3f}"])
+    table.append(
+      [OPTIMIZERS[r["optimizer"]][1], r["warmup"]]
+      + [f"{r['per_k'][str(k)]['mean_matrix_cosine']:.3f}" for k in ks]
+      + [f"{r['per_k'][str(ks[-1])]['global_cosine']:.3f}"]
+    )
   per_layer = []
   for r in results:
     for k in ks:
-      per_layer.append(f"| {OPTIMIZERS[r['optimizer']][1]} | {r['warmup']} | {k} | " +
-                       " | ".join(f"{r['per_k'][str(k)]['block_cosine'][b]:.3f}" for b in blocks)
-                       + " |")
+      per_layer.append(
+        f"| {OPTIMIZERS[r['optimizer']][1]} | {r['warmup']} | {k} | "
+        + " | ".join(f"{r['per_k'][str(k)]['block_cosine'][b]:.3f}" for b in blocks)
+        + " |"
+      )
   s = common.scale(fl.smoke)
-  notes = [f"Cosine similarity between the mean pseudogradient of K workers (each on 1/K of every "
-           f"global batch) and the K=1 pseudogradient (one worker on the whole batch), after one "
-           f"round of H={s['sync_every']} inner steps from the same point (fresh init + N "
-           f"data-parallel warm-up steps); inner lr {LRS}; global batch {s['batch_size']} x {s['seq_len']}. "
-           "'mean over matrices' averages the per-matrix cosines (every 2-D parameter, embedding "
-           "and head included); the last column is the cosine of the whole flattened tree.", "",
-           "Per block (cosine over the block's concatenated parameters):", "",
-           "| optimizer | warm-up | K | " + " | ".join(blocks) + " |",
-           "|" + "---|" * (len(blocks) + 3)] + per_layer
+  notes = [
+    f"Cosine similarity between the mean pseudogradient of K workers (each on 1/K of every "
+    f"global batch) and the K=1 pseudogradient (one worker on the whole batch), after one "
+    f"round of H={s['sync_every']} inner steps from the same point (fresh init + N "
+    f"data-parallel warm-up steps); inner lr {LRS}; global batch {s['batch_size']} x {s['seq_len']}. "
+    "'mean over matrices' averages the per-matrix cosines (every 2-D parameter, embedding "
+    "and head included); the last column is the cosine of the whole flattened tree.",
+    "",
+    "Per block (cosine over the block's concatenated parameters):",
+    "",
+    "| optimizer | warm-up | K | " + " | ".join(blocks) + " |",
+    "|" + "---|" * (len(blocks) + 3),
+  ] + per_layer
   common.write_results(
-      SWEEP, rows, list(rows[0].keys()), table,
-      ["inner optimizer", "warm-up N"] + [f"K={k} (mean over matrices)" for k in ks] +
-      [f"K={ks[-1]} whole tree"], "Directional correctness vs K", notes=notes)
+    SWEEP,
+    rows,
+    list(rows[0].keys()),
+    table,
+    ["inner optimizer", "warm-up N"]
+    + [f"K={k} (mean over matrices)" for k in ks]
+    + [f"K={ks[-1]} whole tree"],
+    "Directional correctness vs K",
+    notes=notes,
+  )
 
   series, styles, per_block = {}, {}, {}
   for r in results:
@@ -186,13 +224,25 @@ def main(argv):
       key = f"{OPTIMIZERS[r['optimizer']][1].split()[0]} N={r['warmup']} {b}"
       per_block[key] = (ks, [r["per_k"][str(k)]["block_cosine"][b] for k in ks])
       styles[key] = dict(color=f"C{i}", linestyle="-" if r["optimizer"] == "muon" else "--")
-  common.plot_lines(os.path.join(path, "cosine_vs_k.png"), series, logx=True, xticks=ks,
-                    title="cos(avg K-worker pseudogradient, K=1 pseudogradient), mean over matrices",
-                    xlabel="workers K", ylabel="cosine similarity")
-  common.plot_lines(os.path.join(path, "cosine_per_layer.png"), per_block, styles=styles,
-                    logx=True, xticks=ks,
-                    title=f"Per-block cosine, N={warmups[0]} (solid: Muon, dashed: AdamW)",
-                    xlabel="workers K", ylabel="cosine similarity")
+  common.plot_lines(
+    os.path.join(path, "cosine_vs_k.png"),
+    series,
+    logx=True,
+    xticks=ks,
+    title="cos(avg K-worker pseudogradient, K=1 pseudogradient), mean over matrices",
+    xlabel="workers K",
+    ylabel="cosine similarity",
+  )
+  common.plot_lines(
+    os.path.join(path, "cosine_per_layer.png"),
+    per_block,
+    styles=styles,
+    logx=True,
+    xticks=ks,
+    title=f"Per-block cosine, N={warmups[0]} (solid: Muon, dashed: AdamW)",
+    xlabel="workers K",
+    ylabel="cosine similarity",
+  )
   print(open(os.path.join(path, "table.md")).read())
 
 

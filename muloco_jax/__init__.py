@@ -5,46 +5,47 @@ optax; the training harness (`train_and_evaluate`, `default_config`,
 `get_dataset`) also pulls in tensorflow-datasets and grain, so it is imported on
 first use.
 """
+
 import importlib
 
 from muloco_jax.compression import (
-    CompressionSpec,
-    compressed_nbytes,
-    decode,
-    encode,
-    error_feedback_tree,
-    pack_bits,
-    unpack_bits,
+  CompressionSpec,
+  compressed_nbytes,
+  decode,
+  encode,
+  error_feedback_tree,
+  pack_bits,
+  unpack_bits,
 )
 from muloco_jax.diloco import (
-    DiLoCo,
-    DiLoCoState,
-    compressed_average,
-    make_mesh,
-    outer_optimizer,
-    psum_average,
-    pseudogradient,
-    split_into_fragments,
+  DiLoCo,
+  DiLoCoState,
+  compressed_average,
+  make_mesh,
+  outer_optimizer,
+  psum_average,
+  pseudogradient,
+  split_into_fragments,
 )
 from muloco_jax.model import ModelConfig, Transformer, model_config, param_count
 from muloco_jax.optim import (
-    CLASSIC_COEFFICIENTS,
-    FLAX_DIMENSION_NUMBERS,
-    MULOCO_COEFFICIENTS,
-    MuonDimensionNumbers,
-    ScaleByMuonState,
-    fan_in_fan_out,
-    muon,
-    muon_labels,
-    newton_schulz_coefficients,
-    orthogonalize,
-    scale_by_muon,
+  CLASSIC_COEFFICIENTS,
+  FLAX_DIMENSION_NUMBERS,
+  MULOCO_COEFFICIENTS,
+  MuonDimensionNumbers,
+  ScaleByMuonState,
+  fan_in_fan_out,
+  muon,
+  muon_labels,
+  newton_schulz_coefficients,
+  orthogonalize,
+  scale_by_muon,
 )
 
 _LAZY = {
-    "train_and_evaluate": "muloco_jax.train",
-    "default_config": "muloco_jax.config",
-    "get_dataset": "muloco_jax.data",
+  "train_and_evaluate": "muloco_jax.train",
+  "default_config": "muloco_jax.config",
+  "get_dataset": "muloco_jax.data",
 }
 
 

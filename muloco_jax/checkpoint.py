@@ -21,13 +21,19 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
     self._manager = ocp.CheckpointManager(directory, options=options)
 
   def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
     """Starts saving `state` and the iterator position `data_state` at `step`."""
-    return self._manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+    return self._manager.save(
+      step,
+      force=force,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+      ),
+    )
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """(step, state, data_state) of the newest checkpoint that loads, or None.
@@ -37,12 +43,22 @@ class Checkpointer:
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+        )
       except Exception as e:  # pylint: disable=broad-except  (any unreadable checkpoint)
         aside = self._set_aside(step)
-        logging.warning("Checkpoint at step %d could not be restored (%s: %s); moved it to %s "
-                        "and trying an earlier one.", step, type(e).__name__, e, aside)
+        logging.warning(
+          "Checkpoint at step %d could not be restored (%s: %s); moved it to %s "
+          "and trying an earlier one.",
+          step,
+          type(e).__name__,
+          e,
+          aside,
+        )
         continue
       return step, restored.state, restored.data
     return None

@@ -93,46 +93,50 @@ ExcludeFn = Callable[[tuple, Any], bool]
 
 
 def _check_bits(bits) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in BITS:
-        raise ValueError(f"compression.bits must be one of {BITS}, got {bits!r}")
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in BITS:
+    raise ValueError(f"compression.bits must be one of {BITS}, got {bits!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class CompressionSpec:
-    """What to send for one tensor. Hashable, so it can be a static argument of ``jax.jit``.
+  """What to send for one tensor. Hashable, so it can be a static argument of ``jax.jit``.
 
-    Attributes:
-      kind: "none", "statistical", "linear" or "topk".
-      bits: bits per code for the quantizers, one of 1, 2, 4, 8.
-      per_row: quantizer statistics per row of the (shape[0], -1) view instead of per tensor.
-      topk_fraction: fraction of entries top-k keeps, in (0, 1].
-      table_dtype: storage of the statistical lookup table, "float16" (default, see the
-        module docstring) or "float32" (the authors' precision).
-    """
+  Attributes:
+    kind: "none", "statistical", "linear" or "topk".
+    bits: bits per code for the quantizers, one of 1, 2, 4, 8.
+    per_row: quantizer statistics per row of the (shape[0], -1) view instead of per tensor.
+    topk_fraction: fraction of entries top-k keeps, in (0, 1].
+    table_dtype: storage of the statistical lookup table, "float16" (default, see the
+      module docstring) or "float32" (the authors' precision).
+  """
 
-    kind: str
-    bits: int = 2
-    per_row: bool = True
-    topk_fraction: float = 0.05
-    table_dtype: str = "float16"
+  kind: str
+  bits: int = 2
+  per_row: bool = True
+  topk_fraction: float = 0.05
+  table_dtype: str = "float16"
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"compression.kind must be one of {KINDS}, got {self.kind!r}")
-        _check_bits(self.bits)
-        if not isinstance(self.per_row, (bool, np.bool_)):
-            raise ValueError(f"compression.per_row must be a bool, got {self.per_row!r}")
-        fraction = self.topk_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"compression.topk_fraction must be in (0, 1], got {fraction!r}")
-        if self.table_dtype not in TABLE_DTYPES:
-            raise ValueError(
-                f"compression.table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}"
-            )
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"compression.kind must be one of {KINDS}, got {self.kind!r}")
+    _check_bits(self.bits)
+    if not isinstance(self.per_row, (bool, np.bool_)):
+      raise ValueError(f"compression.per_row must be a bool, got {self.per_row!r}")
+    fraction = self.topk_fraction
+    if (
+      isinstance(fraction, bool)
+      or not isinstance(fraction, (int, float))
+      or not 0.0 < fraction <= 1.0
+    ):
+      raise ValueError(f"compression.topk_fraction must be in (0, 1], got {fraction!r}")
+    if self.table_dtype not in TABLE_DTYPES:
+      raise ValueError(
+        f"compression.table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}"
+      )
 
-    @property
-    def n_bins(self) -> int:
-        return 2**self.bits
+  @property
+  def n_bins(self) -> int:
+    return 2**self.bits
 
 
 NO_COMPRESSION = CompressionSpec("none")
@@ -142,268 +146,277 @@ NO_COMPRESSION = CompressionSpec("none")
 
 
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
-    """Packs codes (< 2**bits) into uint8, little-end first.
+  """Packs codes (< 2**bits) into uint8, little-end first.
 
-    Value i of each byte occupies bits [i * bits, (i + 1) * bits); the input is flattened and
-    zero padded to a multiple of 8 // bits values. Returns uint8[ceil(n * bits / 8)].
-    """
-    _check_bits(bits)
-    per_byte = 8 // bits
-    flat = jnp.ravel(codes).astype(jnp.uint8) & jnp.uint8(2**bits - 1)
-    grouped = jnp.pad(flat, (0, -flat.shape[0] % per_byte)).reshape(-1, per_byte)
-    shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits).astype(jnp.uint8)
-    # The shifted fields do not overlap, so their sum is their bitwise or (at most 255).
-    return jnp.sum(grouped << shifts, axis=1, dtype=jnp.uint8)
+  Value i of each byte occupies bits [i * bits, (i + 1) * bits); the input is flattened and
+  zero padded to a multiple of 8 // bits values. Returns uint8[ceil(n * bits / 8)].
+  """
+  _check_bits(bits)
+  per_byte = 8 // bits
+  flat = jnp.ravel(codes).astype(jnp.uint8) & jnp.uint8(2**bits - 1)
+  grouped = jnp.pad(flat, (0, -flat.shape[0] % per_byte)).reshape(-1, per_byte)
+  shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits).astype(jnp.uint8)
+  # The shifted fields do not overlap, so their sum is their bitwise or (at most 255).
+  return jnp.sum(grouped << shifts, axis=1, dtype=jnp.uint8)
 
 
 def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
-    """Inverse of ``pack_bits``: the first n codes of ``packed`` as uint8[n]."""
-    _check_bits(bits)
-    per_byte = 8 // bits
-    shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits).astype(jnp.uint8)
-    fields = (packed[:, None] >> shifts) & jnp.uint8(2**bits - 1)
-    return fields.reshape(-1)[:n]
+  """Inverse of ``pack_bits``: the first n codes of ``packed`` as uint8[n]."""
+  _check_bits(bits)
+  per_byte = 8 // bits
+  shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits).astype(jnp.uint8)
+  fields = (packed[:, None] >> shifts) & jnp.uint8(2**bits - 1)
+  return fields.reshape(-1)[:n]
 
 
 # ----------------------------------------------------------------------------- quantizers
 
 
 def _num_rows(shape: tuple[int, ...], spec: CompressionSpec) -> int:
-    return shape[0] if spec.per_row and len(shape) >= 2 else 1
+  return shape[0] if spec.per_row and len(shape) >= 2 else 1
 
 
 def _topk_k(n: int, fraction: float) -> int:
-    return max(1, int(n * fraction))
+  return max(1, int(n * fraction))
 
 
 def _encode_statistical(x2: jax.Array, spec: CompressionSpec) -> Payload:
-    n_rows, row_len = x2.shape
-    n_bins, half = spec.n_bins, spec.n_bins // 2
-    mean = jnp.mean(x2, axis=1, keepdims=True)
-    centred = x2 - mean
-    std = jnp.sqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / max(row_len - 1, 1))
-    scale = RANGE_IN_SIGMAS * std / n_bins
-    scale = jnp.where(jnp.isfinite(scale) & (scale != 0), scale, 1.0)
-    codes = jnp.clip(jnp.round(centred / scale + half), 0, n_bins - 1).astype(jnp.int32)
-    rows = jnp.arange(n_rows)[:, None]
-    sums = jnp.zeros((n_rows, n_bins), jnp.float32).at[rows, codes].add(centred)
-    counts = jnp.zeros((n_rows, n_bins), jnp.float32).at[rows, codes].add(1.0)
-    centres = (jnp.arange(n_bins, dtype=jnp.float32) - half) * scale
-    table = mean + jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), centres)
-    # One power of two per tensor brings the table into [-1, 1) before the narrow cast.
-    peak = jnp.max(jnp.abs(table))
-    _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1.0))
-    table_scale = jnp.ldexp(jnp.float32(1.0), exponent)
-    return {
-        "codes": pack_bits(codes, spec.bits),
-        "table": (table / table_scale).astype(spec.table_dtype),
-        "table_scale": table_scale,
-    }
+  n_rows, row_len = x2.shape
+  n_bins, half = spec.n_bins, spec.n_bins // 2
+  mean = jnp.mean(x2, axis=1, keepdims=True)
+  centred = x2 - mean
+  std = jnp.sqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / max(row_len - 1, 1))
+  scale = RANGE_IN_SIGMAS * std / n_bins
+  scale = jnp.where(jnp.isfinite(scale) & (scale != 0), scale, 1.0)
+  codes = jnp.clip(jnp.round(centred / scale + half), 0, n_bins - 1).astype(jnp.int32)
+  rows = jnp.arange(n_rows)[:, None]
+  sums = jnp.zeros((n_rows, n_bins), jnp.float32).at[rows, codes].add(centred)
+  counts = jnp.zeros((n_rows, n_bins), jnp.float32).at[rows, codes].add(1.0)
+  centres = (jnp.arange(n_bins, dtype=jnp.float32) - half) * scale
+  table = mean + jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), centres)
+  # One power of two per tensor brings the table into [-1, 1) before the narrow cast.
+  peak = jnp.max(jnp.abs(table))
+  _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1.0))
+  table_scale = jnp.ldexp(jnp.float32(1.0), exponent)
+  return {
+    "codes": pack_bits(codes, spec.bits),
+    "table": (table / table_scale).astype(spec.table_dtype),
+    "table_scale": table_scale,
+  }
 
 
 def _decode_statistical(payload: Payload, spec: CompressionSpec, n_rows: int, n: int) -> jax.Array:
-    codes = unpack_bits(payload["codes"], spec.bits, n).reshape(n_rows, -1).astype(jnp.int32)
-    table = payload["table"].astype(jnp.float32) * payload["table_scale"]
-    return jnp.take_along_axis(table, codes, axis=1)
+  codes = unpack_bits(payload["codes"], spec.bits, n).reshape(n_rows, -1).astype(jnp.int32)
+  table = payload["table"].astype(jnp.float32) * payload["table_scale"]
+  return jnp.take_along_axis(table, codes, axis=1)
 
 
 def _encode_linear(x2: jax.Array, spec: CompressionSpec) -> Payload:
-    low = jnp.min(x2, axis=1)
-    scale = (jnp.max(x2, axis=1) - low) / (spec.n_bins - 1)
-    scale = jnp.where(scale == 0, 1.0, scale)
-    codes = jnp.round((x2 - low[:, None]) / scale[:, None])
-    codes = jnp.clip(codes, 0, spec.n_bins - 1).astype(jnp.uint8)
-    return {"codes": pack_bits(codes, spec.bits), "offset": low, "scale": scale}
+  low = jnp.min(x2, axis=1)
+  scale = (jnp.max(x2, axis=1) - low) / (spec.n_bins - 1)
+  scale = jnp.where(scale == 0, 1.0, scale)
+  codes = jnp.round((x2 - low[:, None]) / scale[:, None])
+  codes = jnp.clip(codes, 0, spec.n_bins - 1).astype(jnp.uint8)
+  return {"codes": pack_bits(codes, spec.bits), "offset": low, "scale": scale}
 
 
 def _decode_linear(payload: Payload, spec: CompressionSpec, n_rows: int, n: int) -> jax.Array:
-    codes = unpack_bits(payload["codes"], spec.bits, n).reshape(n_rows, -1).astype(jnp.float32)
-    return codes * payload["scale"][:, None] + payload["offset"][:, None]
+  codes = unpack_bits(payload["codes"], spec.bits, n).reshape(n_rows, -1).astype(jnp.float32)
+  return codes * payload["scale"][:, None] + payload["offset"][:, None]
 
 
 def _encode_topk(x: jax.Array, spec: CompressionSpec) -> Payload:
-    flat = jnp.ravel(x)
-    _, indices = jax.lax.top_k(jnp.abs(flat), _topk_k(flat.shape[0], spec.topk_fraction))
-    return {"values": flat[indices], "indices": indices.astype(jnp.int32)}
+  flat = jnp.ravel(x)
+  _, indices = jax.lax.top_k(jnp.abs(flat), _topk_k(flat.shape[0], spec.topk_fraction))
+  return {"values": flat[indices], "indices": indices.astype(jnp.int32)}
 
 
 def _decode_topk(payload: Payload, n: int) -> jax.Array:
-    return jnp.zeros((n,), jnp.float32).at[payload["indices"]].set(payload["values"])
+  return jnp.zeros((n,), jnp.float32).at[payload["indices"]].set(payload["values"])
 
 
 def encode(x: jax.Array, spec: CompressionSpec) -> Payload:
-    """Compresses one tensor into a payload (see the module docstring for its layout).
+  """Compresses one tensor into a payload (see the module docstring for its layout).
 
-    Statistics are computed in float32. Payload shapes depend only on (x.shape, spec).
-    """
-    x = jnp.asarray(x).astype(jnp.float32)
-    if spec.kind == "none":
-        return {"values": x}
-    if spec.kind == "topk":
-        return _encode_topk(x, spec)
-    x2 = x.reshape(_num_rows(x.shape, spec), -1)
-    if spec.kind == "statistical":
-        return _encode_statistical(x2, spec)
-    return _encode_linear(x2, spec)
+  Statistics are computed in float32. Payload shapes depend only on (x.shape, spec).
+  """
+  x = jnp.asarray(x).astype(jnp.float32)
+  if spec.kind == "none":
+    return {"values": x}
+  if spec.kind == "topk":
+    return _encode_topk(x, spec)
+  x2 = x.reshape(_num_rows(x.shape, spec), -1)
+  if spec.kind == "statistical":
+    return _encode_statistical(x2, spec)
+  return _encode_linear(x2, spec)
 
 
-def decode(payload: Payload, spec: CompressionSpec, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """Reconstructs the tensor of the given shape and dtype from ``encode``'s payload."""
-    shape = tuple(shape)
-    n = math.prod(shape)
-    if spec.kind == "none":
-        flat = payload["values"]
-    elif spec.kind == "topk":
-        flat = _decode_topk(payload, n)
-    elif spec.kind == "statistical":
-        flat = _decode_statistical(payload, spec, _num_rows(shape, spec), n)
-    else:
-        flat = _decode_linear(payload, spec, _num_rows(shape, spec), n)
-    return flat.reshape(shape).astype(dtype)
+def decode(
+  payload: Payload, spec: CompressionSpec, shape: tuple[int, ...], dtype=jnp.float32
+) -> jax.Array:
+  """Reconstructs the tensor of the given shape and dtype from ``encode``'s payload."""
+  shape = tuple(shape)
+  n = math.prod(shape)
+  if spec.kind == "none":
+    flat = payload["values"]
+  elif spec.kind == "topk":
+    flat = _decode_topk(payload, n)
+  elif spec.kind == "statistical":
+    flat = _decode_statistical(payload, spec, _num_rows(shape, spec), n)
+  else:
+    flat = _decode_linear(payload, spec, _num_rows(shape, spec), n)
+  return flat.reshape(shape).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- byte counts
 
 
 def payload_nbytes(payload: Any) -> int:
-    """Bytes on the wire: the sum of the array sizes in any pytree of payloads.
+  """Bytes on the wire: the sum of the array sizes in any pytree of payloads.
 
-    Works on concrete arrays and on ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
-    """
-    return sum(
-        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(payload)
-    )
+  Works on concrete arrays and on ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+  """
+  return sum(
+    math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    for leaf in jax.tree_util.tree_leaves(payload)
+  )
 
 
 def compressed_nbytes(shape: tuple[int, ...], spec: CompressionSpec) -> int:
-    """Closed form of the payload size of one tensor, independent of ``encode``.
+  """Closed form of the payload size of one tensor, independent of ``encode``.
 
-    none: 4 n;  topk: 8 k (fp32 value + int32 index);
-    statistical: ceil(n bits / 8) + R 2**bits itemsize(table_dtype) + 4;
-    linear: ceil(n bits / 8) + 8 R  (fp32 min and scale per row).
-    """
-    n = math.prod(shape)
-    if spec.kind == "none":
-        return 4 * n
-    if spec.kind == "topk":
-        return 8 * _topk_k(n, spec.topk_fraction)
-    code_bytes = -(-n * spec.bits // 8)
-    n_rows = _num_rows(tuple(shape), spec)
-    if spec.kind == "statistical":
-        return code_bytes + n_rows * spec.n_bins * np.dtype(spec.table_dtype).itemsize + 4
-    return code_bytes + 8 * n_rows
+  none: 4 n;  topk: 8 k (fp32 value + int32 index);
+  statistical: ceil(n bits / 8) + R 2**bits itemsize(table_dtype) + 4;
+  linear: ceil(n bits / 8) + 8 R  (fp32 min and scale per row).
+  """
+  n = math.prod(shape)
+  if spec.kind == "none":
+    return 4 * n
+  if spec.kind == "topk":
+    return 8 * _topk_k(n, spec.topk_fraction)
+  code_bytes = -(-n * spec.bits // 8)
+  n_rows = _num_rows(tuple(shape), spec)
+  if spec.kind == "statistical":
+    return code_bytes + n_rows * spec.n_bins * np.dtype(spec.table_dtype).itemsize + 4
+  return code_bytes + 8 * n_rows
 
 
 # ----------------------------------------------------------------------------- pytrees
 
 
 def _path_names(path: tuple) -> list[str]:
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-    return names
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+  return names
 
 
 def exclude_vectors(path: tuple, leaf: Any) -> bool:
-    """Default labelling rule: leaves with ndim <= 1 (norm gains, scalars) are sent in fp32."""
-    del path
-    return len(leaf.shape) <= 1
+  """Default labelling rule: leaves with ndim <= 1 (norm gains, scalars) are sent in fp32."""
+  del path
+  return len(leaf.shape) <= 1
 
 
 def exclude_vectors_embedding_head(path: tuple, leaf: Any) -> bool:
-    """The paper's rule: also send the embedding and the output head uncompressed.
+  """The paper's rule: also send the embedding and the output head uncompressed.
 
-    A leaf is the embedding or the head when a component of its path is exactly
-    "embedding" or "head" (``PAPER_EXCLUDED_NAMES``).
-    """
-    return exclude_vectors(path, leaf) or any(name in PAPER_EXCLUDED_NAMES for name in _path_names(path))
+  A leaf is the embedding or the head when a component of its path is exactly
+  "embedding" or "head" (``PAPER_EXCLUDED_NAMES``).
+  """
+  return exclude_vectors(path, leaf) or any(
+    name in PAPER_EXCLUDED_NAMES for name in _path_names(path)
+  )
 
 
 def leaf_specs(tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors) -> Any:
-    """The spec each leaf is sent with: ``NO_COMPRESSION`` where ``exclude(path, leaf)``."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: NO_COMPRESSION if exclude(p, x) else spec, tree)
+  """The spec each leaf is sent with: ``NO_COMPRESSION`` where ``exclude(path, leaf)``."""
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: NO_COMPRESSION if exclude(p, x) else spec, tree
+  )
 
 
 def compress_tree(tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors) -> Any:
-    """Encodes every leaf; the result has ``tree``'s structure with a payload dict per leaf.
+  """Encodes every leaf; the result has ``tree``'s structure with a payload dict per leaf.
 
-    Call it per worker (under ``jax.vmap`` / ``shard_map``), so that leaf ndims are per worker.
-    """
-    return jax.tree_util.tree_map(encode, tree, leaf_specs(tree, spec, exclude))
+  Call it per worker (under ``jax.vmap`` / ``shard_map``), so that leaf ndims are per worker.
+  """
+  return jax.tree_util.tree_map(encode, tree, leaf_specs(tree, spec, exclude))
 
 
 def decompress_tree(
-    payloads: Any, spec: CompressionSpec, like: Any, exclude: ExcludeFn = exclude_vectors
+  payloads: Any, spec: CompressionSpec, like: Any, exclude: ExcludeFn = exclude_vectors
 ) -> Any:
-    """Inverse of ``compress_tree``; ``like`` (arrays or ShapeDtypeStructs) gives shapes and dtypes."""
-    return jax.tree_util.tree_map(
-        lambda x, s, p: decode(p, s, x.shape, x.dtype), like, leaf_specs(like, spec, exclude), payloads
-    )
+  """Inverse of ``compress_tree``; ``like`` (arrays or ShapeDtypeStructs) gives shapes and dtypes."""
+  return jax.tree_util.tree_map(
+    lambda x, s, p: decode(p, s, x.shape, x.dtype), like, leaf_specs(like, spec, exclude), payloads
+  )
 
 
 def roundtrip_tree(tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors) -> Any:
-    """D(C(tree)): what the receivers reconstruct (also the authors' re-quantization after reduce)."""
-    return decompress_tree(compress_tree(tree, spec, exclude), spec, tree, exclude)
+  """D(C(tree)): what the receivers reconstruct (also the authors' re-quantization after reduce)."""
+  return decompress_tree(compress_tree(tree, spec, exclude), spec, tree, exclude)
 
 
-def tree_compressed_nbytes(tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors) -> int:
-    """Closed-form bytes one worker sends for ``tree`` (sum of ``compressed_nbytes``)."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    specs = jax.tree_util.tree_leaves(leaf_specs(tree, spec, exclude))
-    return sum(compressed_nbytes(tuple(x.shape), s) for x, s in zip(leaves, specs))
+def tree_compressed_nbytes(
+  tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors
+) -> int:
+  """Closed-form bytes one worker sends for ``tree`` (sum of ``compressed_nbytes``)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  specs = jax.tree_util.tree_leaves(leaf_specs(tree, spec, exclude))
+  return sum(compressed_nbytes(tuple(x.shape), s) for x, s in zip(leaves, specs))
 
 
 def relative_compression_error(
-    tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors
+  tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors
 ) -> jax.Array:
-    """||delta - D(C(delta))|| / ||delta|| over all leaves of the tree (0 for a zero tree)."""
-    as32 = lambda t: [x.astype(jnp.float32) for x in jax.tree_util.tree_leaves(t)]
-    originals, decoded = as32(tree), as32(roundtrip_tree(tree, spec, exclude))
-    err = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(originals, decoded))
-    norm = sum(jnp.sum(jnp.square(a)) for a in originals)
-    return jnp.where(norm > 0, jnp.sqrt(err / jnp.where(norm > 0, norm, 1.0)), 0.0)
+  """||delta - D(C(delta))|| / ||delta|| over all leaves of the tree (0 for a zero tree)."""
+  as32 = lambda t: [x.astype(jnp.float32) for x in jax.tree_util.tree_leaves(t)]
+  originals, decoded = as32(tree), as32(roundtrip_tree(tree, spec, exclude))
+  err = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(originals, decoded))
+  norm = sum(jnp.sum(jnp.square(a)) for a in originals)
+  return jnp.where(norm > 0, jnp.sqrt(err / jnp.where(norm > 0, norm, 1.0)), 0.0)
 
 
 # ----------------------------------------------------------------------------- error feedback
 
 
 def init_error(tree: Any) -> Any:
-    """A zero float32 error-feedback buffer shaped like ``tree``."""
-    return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+  """A zero float32 error-feedback buffer shaped like ``tree``."""
+  return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
 
 def error_feedback_step(
-    error: jax.Array, delta: jax.Array, spec: CompressionSpec, beta: float, use_ef: bool = True
+  error: jax.Array, delta: jax.Array, spec: CompressionSpec, beta: float, use_ef: bool = True
 ) -> tuple[Payload, jax.Array]:
-    """One worker's compression of one tensor with error feedback.
+  """One worker's compression of one tensor with error feedback.
 
-    With ``use_ef``: e <- beta e + delta; c = C(e); e <- e - D(c); returns (c, e).
-    Without: returns (C(delta), error) with the buffer untouched.
-    """
-    if not use_ef:
-        return encode(delta, spec), error
-    error = beta * error + delta.astype(jnp.float32)
-    payload = encode(error, spec)
-    return payload, error - decode(payload, spec, error.shape, jnp.float32)
+  With ``use_ef``: e <- beta e + delta; c = C(e); e <- e - D(c); returns (c, e).
+  Without: returns (C(delta), error) with the buffer untouched.
+  """
+  if not use_ef:
+    return encode(delta, spec), error
+  error = beta * error + delta.astype(jnp.float32)
+  payload = encode(error, spec)
+  return payload, error - decode(payload, spec, error.shape, jnp.float32)
 
 
 def error_feedback_tree(
-    error: Any,
-    delta: Any,
-    spec: CompressionSpec,
-    beta: float,
-    exclude: ExcludeFn = exclude_vectors,
-    use_ef: bool = True,
+  error: Any,
+  delta: Any,
+  spec: CompressionSpec,
+  beta: float,
+  exclude: ExcludeFn = exclude_vectors,
+  use_ef: bool = True,
 ) -> tuple[Any, Any]:
-    """``error_feedback_step`` on every leaf: returns (payload tree, new error tree).
+  """``error_feedback_step`` on every leaf: returns (payload tree, new error tree).
 
-    Excluded leaves are sent exactly, so their error stays zero.
-    """
-    step = lambda e, d, s: error_feedback_step(e, d, s, beta, use_ef)
-    out = jax.tree_util.tree_map(step, error, delta, leaf_specs(delta, spec, exclude))
-    payloads = jax.tree_util.tree_map(lambda _, o: o[0], error, out)
-    new_error = jax.tree_util.tree_map(lambda _, o: o[1], error, out)
-    return payloads, new_error
+  Excluded leaves are sent exactly, so their error stays zero.
+  """
+  step = lambda e, d, s: error_feedback_step(e, d, s, beta, use_ef)
+  out = jax.tree_util.tree_map(step, error, delta, leaf_specs(delta, spec, exclude))
+  payloads = jax.tree_util.tree_map(lambda _, o: o[0], error, out)
+  new_error = jax.tree_util.tree_map(lambda _, o: o[1], error, out)
+  return payloads, new_error

@@ -12,8 +12,10 @@ from muloco_jax import data as data_lib
 
 OPTIMIZERS = ("adamw", "muon", "sgd")
 COMPRESSORS = compression.KINDS
-EXCLUDE_RULES = {"vectors": compression.exclude_vectors,
-                 "vectors_embedding_head": compression.exclude_vectors_embedding_head}
+EXCLUDE_RULES = {
+  "vectors": compression.exclude_vectors,
+  "vectors_embedding_head": compression.exclude_vectors_embedding_head,
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -22,117 +24,163 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.size = "tiny"          # tiny, small, 150m, 416m, 914m, 1.76b, 3.1b, 15b
+  c.model.size = "tiny"  # tiny, small, 150m, 416m, 914m, 1.76b, 3.1b, 15b
   c.model.max_seq_len = 2048
   c.model.scan_layers = False
   c.model.remat = False
-  c.model.dtype = "bfloat16"     # compute dtype; parameters are float32
+  c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
 
   c.data = data_lib.default_config()
   c.data.seq_len = 128
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 300
-  c.train.batch_size = 32        # global, in sequences
+  c.train.batch_size = 32  # global, in sequences
   c.train.log_every = 10
   c.train.eval_every = 100
   c.train.eval_steps = 8
-  c.train.eval_batch_size = 0    # 0: train.batch_size
+  c.train.eval_batch_size = 0  # 0: train.batch_size
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 2
-  c.train.progress_bar = True    # only drawn on a terminal
+  c.train.progress_bar = True  # only drawn on a terminal
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"     # adamw | muon | sgd
+  c.optimizer.name = "adamw"  # adamw | muon | sgd
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 30
   c.optimizer.min_lr_ratio = 0.1  # cosine decay ends at this fraction of the peak
   c.optimizer.weight_decay = 0.01
-  c.optimizer.grad_clip = 1.0    # 0 disables clipping
-  c.optimizer.b1 = 0.9           # AdamW (and the AdamW part of Muon)
+  c.optimizer.grad_clip = 1.0  # 0 disables clipping
+  c.optimizer.b1 = 0.9  # AdamW (and the AdamW part of Muon)
   c.optimizer.b2 = 0.99
   c.optimizer.eps = 1e-8
-  c.optimizer.momentum = 0.95    # Muon momentum; SGD momentum
+  c.optimizer.momentum = 0.95  # Muon momentum; SGD momentum
   c.optimizer.nesterov = True
   c.optimizer.ns_schedule = "muloco"  # classic | muloco
   c.optimizer.ns_steps = 5
-  c.optimizer.ns_dtype = "bfloat16"   # Newton-Schulz compute dtype
+  c.optimizer.ns_dtype = "bfloat16"  # Newton-Schulz compute dtype
   c.optimizer.muon_scale = "spectral"  # spectral | moonlight | none
   c.optimizer.adam_learning_rate = 0.0  # Muon's AdamW part; 0: optimizer.learning_rate
 
   c.diloco = ml_collections.ConfigDict()
-  c.diloco.num_workers = 0       # K; 0 = plain data parallel
-  c.diloco.sync_every = 30       # H
+  c.diloco.num_workers = 0  # K; 0 = plain data parallel
+  c.diloco.sync_every = 30  # H
   c.diloco.outer_lr = 0.7
   c.diloco.outer_momentum = 0.9
   c.diloco.outer_nesterov = True
   c.diloco.data_parallelism = 1  # devices per worker (the mesh `data` axis)
   # The paper's weight-decay rescaling: wd *= (B / K) / reference; 0 = off (paper: 512).
   c.diloco.weight_decay_reference_batch = 0
-  c.diloco.num_fragments = 1     # streaming DiLoCo: F fragments synced at staggered steps
+  c.diloco.num_fragments = 1  # streaming DiLoCo: F fragments synced at staggered steps
   # Failure injection: "WORKER:START-END,..." loses worker WORKER for steps [START, END) (END
   # empty: for good); it misses the syncs in that window and rejoins from the shared parameters.
   c.diloco.drop_workers = ""
 
   c.compression = ml_collections.ConfigDict()
-  c.compression.kind = "none"    # none | statistical | linear | topk
-  c.compression.bits = 2         # 1, 2, 4 or 8
-  c.compression.per_row = True   # quantizer statistics per row (else per tensor)
+  c.compression.kind = "none"  # none | statistical | linear | topk
+  c.compression.bits = 2  # 1, 2, 4 or 8
+  c.compression.per_row = True  # quantizer statistics per row (else per tensor)
   c.compression.topk_fraction = 0.05
   c.compression.error_feedback = True
   c.compression.error_decay = 0.9
   c.compression.exclude = "vectors"  # vectors | vectors_embedding_head (the paper's runs)
   c.compression.requantize_average = False  # the authors' re-quantization of the average
-  c.compression.table_dtype = "float16"     # statistical quantizer's decode table
+  c.compression.table_dtype = "float16"  # statistical quantizer's decode table
   return c
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad setting; called before compilation."""
   from muloco_jax import model as model_lib  # the model module imports flax; keep this module light
+
   try:
     model_config = model_lib.model_config(config.model.size, max_seq_len=config.model.max_seq_len)
   except ValueError as e:
     raise ValueError(f"model.size={config.model.size!r}: {e}") from None
   _check(config.data.seq_len >= 1, "data.seq_len", config.data.seq_len, "must be >= 1")
-  _check(config.data.seq_len <= config.model.max_seq_len, "data.seq_len", config.data.seq_len,
-         f"exceeds the model's limit model.max_seq_len={config.model.max_seq_len}")
-  for key in ("num_steps", "batch_size", "log_every", "eval_every", "eval_steps",
-              "checkpoint_every", "keep_checkpoints"):
+  _check(
+    config.data.seq_len <= config.model.max_seq_len,
+    "data.seq_len",
+    config.data.seq_len,
+    f"exceeds the model's limit model.max_seq_len={config.model.max_seq_len}",
+  )
+  for key in (
+    "num_steps",
+    "batch_size",
+    "log_every",
+    "eval_every",
+    "eval_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+  ):
     _check(config.train[key] >= 1, f"train.{key}", config.train[key], "must be >= 1")
-  _check(config.optimizer.name in OPTIMIZERS, "optimizer.name", config.optimizer.name,
-         f"is not one of {OPTIMIZERS}")
-  _check(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
-         config.optimizer.learning_rate, "must be > 0")
-  _check(0 <= config.optimizer.warmup_steps < config.train.num_steps, "optimizer.warmup_steps",
-         config.optimizer.warmup_steps, f"must be in [0, train.num_steps={config.train.num_steps})")
+  _check(
+    config.optimizer.name in OPTIMIZERS,
+    "optimizer.name",
+    config.optimizer.name,
+    f"is not one of {OPTIMIZERS}",
+  )
+  _check(
+    config.optimizer.learning_rate > 0,
+    "optimizer.learning_rate",
+    config.optimizer.learning_rate,
+    "must be > 0",
+  )
+  _check(
+    0 <= config.optimizer.warmup_steps < config.train.num_steps,
+    "optimizer.warmup_steps",
+    config.optimizer.warmup_steps,
+    f"must be in [0, train.num_steps={config.train.num_steps})",
+  )
   d = config.diloco
   _check(d.num_workers >= 0, "diloco.num_workers", d.num_workers, "must be >= 0")
   _check(d.sync_every >= 1, "diloco.sync_every", d.sync_every, "(H) must be >= 1")
   _check(d.data_parallelism >= 1, "diloco.data_parallelism", d.data_parallelism, "must be >= 1")
   _check(d.num_fragments >= 1, "diloco.num_fragments", d.num_fragments, "must be >= 1")
-  _check(d.num_fragments <= model_config.num_layers, "diloco.num_fragments", d.num_fragments,
-         f"exceeds the model's {model_config.num_layers} layers")
-  _check(d.num_fragments == 1 or not config.model.scan_layers, "diloco.num_fragments",
-         d.num_fragments, "> 1 needs model.scan_layers=False (fragments are layer ranges)")
+  _check(
+    d.num_fragments <= model_config.num_layers,
+    "diloco.num_fragments",
+    d.num_fragments,
+    f"exceeds the model's {model_config.num_layers} layers",
+  )
+  _check(
+    d.num_fragments == 1 or not config.model.scan_layers,
+    "diloco.num_fragments",
+    d.num_fragments,
+    "> 1 needs model.scan_layers=False (fragments are layer ranges)",
+  )
   drop_schedule(config)  # validates diloco.drop_workers
   c = config.compression
   _check(c.kind in COMPRESSORS, "compression.kind", c.kind, f"is not one of {COMPRESSORS}")
-  _check(c.kind == "none" or d.num_workers >= 1, "compression.kind", c.kind,
-         "needs DiLoCo (diloco.num_workers >= 1)")
-  _check(c.exclude in EXCLUDE_RULES, "compression.exclude", c.exclude,
-         f"is not one of {EXCLUDE_RULES}")
+  _check(
+    c.kind == "none" or d.num_workers >= 1,
+    "compression.kind",
+    c.kind,
+    "needs DiLoCo (diloco.num_workers >= 1)",
+  )
+  _check(
+    c.exclude in EXCLUDE_RULES, "compression.exclude", c.exclude, f"is not one of {EXCLUDE_RULES}"
+  )
   compression_spec(config)  # validates bits, topk_fraction, table_dtype
   replicas = max(d.num_workers, 1) * d.data_parallelism
-  _check(config.train.batch_size % replicas == 0, "train.batch_size", config.train.batch_size,
-         f"must be divisible by diloco.num_workers x diloco.data_parallelism = {replicas}")
+  _check(
+    config.train.batch_size % replicas == 0,
+    "train.batch_size",
+    config.train.batch_size,
+    f"must be divisible by diloco.num_workers x diloco.data_parallelism = {replicas}",
+  )
 
 
 def compression_spec(config: ml_collections.ConfigDict) -> compression.CompressionSpec:
   """The `CompressionSpec` of `config.compression` (raises ValueError naming a bad field)."""
   c = config.compression
-  return compression.CompressionSpec(kind=c.kind, bits=c.bits, per_row=c.per_row,
-                                     topk_fraction=c.topk_fraction, table_dtype=c.table_dtype)
+  return compression.CompressionSpec(
+    kind=c.kind,
+    bits=c.bits,
+    per_row=c.per_row,
+    topk_fraction=c.topk_fraction,
+    table_dtype=c.table_dtype,
+  )
 
 
 def drop_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int, float]]:
@@ -145,10 +193,15 @@ def drop_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int, flo
       start, end = window.split("-")
       item = (int(worker), int(start), float(end) if end.strip() else float("inf"))
     except ValueError as e:
-      raise ValueError(f"diloco.drop_workers={spec!r}: entry {entry!r} is not "
-                       "WORKER:START-END (END may be empty).") from e
-    _check(0 <= item[0] < num_workers, "diloco.drop_workers", spec,
-           f"names worker {item[0]}, outside [0, diloco.num_workers={num_workers})")
+      raise ValueError(
+        f"diloco.drop_workers={spec!r}: entry {entry!r} is not WORKER:START-END (END may be empty)."
+      ) from e
+    _check(
+      0 <= item[0] < num_workers,
+      "diloco.drop_workers",
+      spec,
+      f"names worker {item[0]}, outside [0, diloco.num_workers={num_workers})",
+    )
     _check(item[1] < item[2], "diloco.drop_workers", spec, f"has an empty window in {entry!r}")
     schedule.append(item)
   return schedule

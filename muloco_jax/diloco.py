@@ -23,6 +23,7 @@ with axes ``("worker", "data")``: each device row of the ``worker`` axis runs ``
 ``data`` only).  Inner steps never communicate across workers; ``outer_sync`` is the only
 cross-worker collective.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,496 +52,597 @@ Fragment = "tuple[str, ...] | None"
 
 
 class DiLoCoState(NamedTuple):
-    """Training state of DiLoCo.
+  """Training state of DiLoCo.
 
-    Attributes:
-      params: ``theta_ref``, the shared parameters (replicated).
-      outer_opt_state: tuple with the outer optimizer state of each fragment (one entry, for
-        the whole tree, without streaming), replicated.
-      worker_params: ``theta_k``, every leaf with a leading worker axis of size K.
-      worker_opt_state: inner optimizer state of every worker, leading worker axis of size K.
-      error: error-feedback buffers ``e_k`` of every worker (leading worker axis), or ``{}``
-        when the averager keeps none.
-      step: int32 number of inner steps taken.
-    """
+  Attributes:
+    params: ``theta_ref``, the shared parameters (replicated).
+    outer_opt_state: tuple with the outer optimizer state of each fragment (one entry, for
+      the whole tree, without streaming), replicated.
+    worker_params: ``theta_k``, every leaf with a leading worker axis of size K.
+    worker_opt_state: inner optimizer state of every worker, leading worker axis of size K.
+    error: error-feedback buffers ``e_k`` of every worker (leading worker axis), or ``{}``
+      when the averager keeps none.
+    step: int32 number of inner steps taken.
+  """
 
-    params: PyTree
-    outer_opt_state: tuple
-    worker_params: PyTree
-    worker_opt_state: PyTree
-    error: PyTree
-    step: jax.Array
+  params: PyTree
+  outer_opt_state: tuple
+  worker_params: PyTree
+  worker_opt_state: PyTree
+  error: PyTree
+  step: jax.Array
 
 
-def outer_optimizer(lr: float = 0.7, momentum: float = 0.9,
-                    nesterov: bool = True) -> optax.GradientTransformation:
-    """The DiLoCo outer optimizer: SGD with (Nesterov) momentum on the averaged pseudogradient."""
-    return optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
+def outer_optimizer(
+  lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True
+) -> optax.GradientTransformation:
+  """The DiLoCo outer optimizer: SGD with (Nesterov) momentum on the averaged pseudogradient."""
+  return optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
 
 
 def _stack(tree: PyTree, num: int) -> PyTree:
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num,) + jnp.shape(x)), tree)
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num,) + jnp.shape(x)), tree)
 
 
 def _tree_dot(a: PyTree, b: PyTree) -> jax.Array:
-    return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return sum(
+    jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def _workers_all_finite(tree: PyTree, num_workers: int) -> jax.Array:
-    """Bool ``[workers]``: every floating-point entry of the worker's slice of ``tree`` is finite."""
-    finite = jnp.ones((num_workers,), bool)
-    for x in jax.tree.leaves(tree):
-        if jnp.issubdtype(x.dtype, jnp.inexact):
-            finite &= jnp.all(jnp.isfinite(x).reshape(num_workers, -1), axis=1)
-    return finite
+  """Bool ``[workers]``: every floating-point entry of the worker's slice of ``tree`` is finite."""
+  finite = jnp.ones((num_workers,), bool)
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      finite &= jnp.all(jnp.isfinite(x).reshape(num_workers, -1), axis=1)
+  return finite
 
 
 def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
-    return jax.tree.map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
+  return jax.tree.map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
 
 
 def _select_workers(mask: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
-    """Per worker: leaves of ``on_true`` where ``mask[k]`` else ``on_false`` (leading axis k)."""
-    def pick(t, f):
-        return jnp.where(mask.reshape(mask.shape + (1,) * (t.ndim - 1)), t, f)
-    return jax.tree.map(pick, on_true, on_false)
+  """Per worker: leaves of ``on_true`` where ``mask[k]`` else ``on_false`` (leading axis k)."""
+
+  def pick(t, f):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (t.ndim - 1)), t, f)
+
+  return jax.tree.map(pick, on_true, on_false)
 
 
 def _subtree(tree: PyTree, fragment: Fragment) -> PyTree:
-    return tree if fragment is None else {key: tree[key] for key in fragment}
+  return tree if fragment is None else {key: tree[key] for key in fragment}
 
 
 def _merge(tree: PyTree, part: PyTree, fragment: Fragment) -> PyTree:
-    return part if fragment is None else {**tree, **part}
+  return part if fragment is None else {**tree, **part}
 
 
 def split_into_fragments(params: dict, num_fragments: int) -> tuple[tuple[str, ...], ...]:
-    """Streaming DiLoCo's fragments: contiguous ranges of the blocks ``layers_0 .. layers_{L-1}``.
+  """Streaming DiLoCo's fragments: contiguous ranges of the blocks ``layers_0 .. layers_{L-1}``.
 
-    Fragment f holds blocks ``[f L / F, (f + 1) L / F)``; the embedding goes with the first
-    fragment and every other top-level parameter (final norm, output head) with the last.
-    """
-    layers = sorted((k for k in params if re.fullmatch(r"layers_\d+", k)),
-                    key=lambda k: int(k.split("_")[1]))
-    if num_fragments < 1:
-        raise ValueError(f"diloco.num_fragments={num_fragments} must be >= 1")
-    if num_fragments > max(len(layers), 1):
-        raise ValueError(f"diloco.num_fragments={num_fragments} exceeds the {len(layers)} "
-                         "unscanned layers (model.scan_layers must be False for streaming)")
-    if num_fragments == 1:
-        return (tuple(params),)
-    fragments = [[] for _ in range(num_fragments)]
-    for i, key in enumerate(layers):
-        fragments[i * num_fragments // len(layers)].append(key)
-    for key in params:
-        if key not in layers:
-            fragments[0 if "embed" in key else -1].append(key)
-    return tuple(tuple(f) for f in fragments)
-
-
-def init(params: PyTree, inner_tx: optax.GradientTransformation,
-         outer_tx: optax.GradientTransformation, num_workers: int,
-         fragments: "tuple[Fragment, ...]" = (None,), error_feedback: bool = False) -> DiLoCoState:
-    """Start of training: every worker holds ``params`` and a fresh inner optimizer state.
-
-    One outer optimizer state per fragment; zero error-feedback buffers if ``error_feedback``.
-    """
-    return DiLoCoState(
-        params=params,
-        outer_opt_state=tuple(outer_tx.init(_subtree(params, f)) for f in fragments),
-        worker_params=_stack(params, num_workers),
-        worker_opt_state=_stack(inner_tx.init(params), num_workers),
-        error=(_stack(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params),
-                      num_workers) if error_feedback else {}),
-        step=jnp.zeros((), jnp.int32),
+  Fragment f holds blocks ``[f L / F, (f + 1) L / F)``; the embedding goes with the first
+  fragment and every other top-level parameter (final norm, output head) with the last.
+  """
+  layers = sorted(
+    (k for k in params if re.fullmatch(r"layers_\d+", k)), key=lambda k: int(k.split("_")[1])
+  )
+  if num_fragments < 1:
+    raise ValueError(f"diloco.num_fragments={num_fragments} must be >= 1")
+  if num_fragments > max(len(layers), 1):
+    raise ValueError(
+      f"diloco.num_fragments={num_fragments} exceeds the {len(layers)} "
+      "unscanned layers (model.scan_layers must be False for streaming)"
     )
+  if num_fragments == 1:
+    return (tuple(params),)
+  fragments = [[] for _ in range(num_fragments)]
+  for i, key in enumerate(layers):
+    fragments[i * num_fragments // len(layers)].append(key)
+  for key in params:
+    if key not in layers:
+      fragments[0 if "embed" in key else -1].append(key)
+  return tuple(tuple(f) for f in fragments)
 
 
-def inner_step(state: DiLoCoState, batch: dict, loss_fn: LossFn,
-               inner_tx: optax.GradientTransformation,
-               data_axis: str | None = None) -> tuple[DiLoCoState, dict]:
-    """One inner optimizer step of every worker on its own batch, ``vmap``-ped over workers.
+def init(
+  params: PyTree,
+  inner_tx: optax.GradientTransformation,
+  outer_tx: optax.GradientTransformation,
+  num_workers: int,
+  fragments: "tuple[Fragment, ...]" = (None,),
+  error_feedback: bool = False,
+) -> DiLoCoState:
+  """Start of training: every worker holds ``params`` and a fresh inner optimizer state.
 
-    ``theta_k, s_k <- InnerOpt(theta_k, s_k, g_k)`` with ``g_k = grad loss_fn(theta_k, batch[k])``.
-    ``batch`` leaves have shape ``[workers, per-worker batch, ...]``.  Inside ``shard_map`` with a
-    worker spread over several devices, pass ``data_axis``: the loss and gradient are then
-    ``pmean``-ed over that axis (the mean over the worker's whole batch, as shards are equal).
-    No communication across workers.
+  One outer optimizer state per fragment; zero error-feedback buffers if ``error_feedback``.
+  """
+  return DiLoCoState(
+    params=params,
+    outer_opt_state=tuple(outer_tx.init(_subtree(params, f)) for f in fragments),
+    worker_params=_stack(params, num_workers),
+    worker_opt_state=_stack(inner_tx.init(params), num_workers),
+    error=(
+      _stack(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params), num_workers)
+      if error_feedback
+      else {}
+    ),
+    step=jnp.zeros((), jnp.int32),
+  )
 
-    Returns the new state and ``{"loss": [workers], "grad_norm": [workers]}``.
-    """
-    def one_worker(params, opt_state, worker_batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, worker_batch)
-        if data_axis is not None:
-            loss, grads = jax.lax.pmean((loss, grads), data_axis)
-        updates, opt_state = inner_tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
-    worker_params, worker_opt_state, loss, grad_norm = jax.vmap(one_worker)(
-        state.worker_params, state.worker_opt_state, batch)
-    state = state._replace(worker_params=worker_params, worker_opt_state=worker_opt_state,
-                           step=state.step + 1)
-    return state, {"loss": loss, "grad_norm": grad_norm}
+def inner_step(
+  state: DiLoCoState,
+  batch: dict,
+  loss_fn: LossFn,
+  inner_tx: optax.GradientTransformation,
+  data_axis: str | None = None,
+) -> tuple[DiLoCoState, dict]:
+  """One inner optimizer step of every worker on its own batch, ``vmap``-ped over workers.
+
+  ``theta_k, s_k <- InnerOpt(theta_k, s_k, g_k)`` with ``g_k = grad loss_fn(theta_k, batch[k])``.
+  ``batch`` leaves have shape ``[workers, per-worker batch, ...]``.  Inside ``shard_map`` with a
+  worker spread over several devices, pass ``data_axis``: the loss and gradient are then
+  ``pmean``-ed over that axis (the mean over the worker's whole batch, as shards are equal).
+  No communication across workers.
+
+  Returns the new state and ``{"loss": [workers], "grad_norm": [workers]}``.
+  """
+
+  def one_worker(params, opt_state, worker_batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, worker_batch)
+    if data_axis is not None:
+      loss, grads = jax.lax.pmean((loss, grads), data_axis)
+    updates, opt_state = inner_tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+
+  worker_params, worker_opt_state, loss, grad_norm = jax.vmap(one_worker)(
+    state.worker_params, state.worker_opt_state, batch
+  )
+  state = state._replace(
+    worker_params=worker_params, worker_opt_state=worker_opt_state, step=state.step + 1
+  )
+  return state, {"loss": loss, "grad_norm": grad_norm}
 
 
 def pseudogradient(theta_ref: PyTree, worker_params: PyTree) -> PyTree:
-    """``delta_k = theta_ref - theta_k`` for every worker (leading worker axis kept)."""
-    return jax.tree.map(lambda ref, w: ref[None] - w, theta_ref, worker_params)
+  """``delta_k = theta_ref - theta_k`` for every worker (leading worker axis kept)."""
+  return jax.tree.map(lambda ref, w: ref[None] - w, theta_ref, worker_params)
 
 
 def _worker_count(contributes: jax.Array, axis_name: str | None) -> tuple[jax.Array, int]:
-    """(|C| over all workers, K) from the local workers' ``contributes`` mask."""
-    count = jnp.sum(contributes.astype(jnp.int32))
-    num_workers = contributes.shape[0]
-    if axis_name is not None:
-        count = jax.lax.psum(count, axis_name)
-        num_workers *= jax.lax.axis_size(axis_name)
-    return count, num_workers
+  """(|C| over all workers, K) from the local workers' ``contributes`` mask."""
+  count = jnp.sum(contributes.astype(jnp.int32))
+  num_workers = contributes.shape[0]
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+    num_workers *= jax.lax.axis_size(axis_name)
+  return count, num_workers
 
 
-def psum_average(deltas: PyTree, contributes: jax.Array, error: PyTree,
-                 axis_name: str | None = None) -> tuple[PyTree, PyTree, dict]:
-    """Default averager: ``delta = sum_{k in C} delta_k / |C|`` with one ``psum`` over workers.
+def psum_average(
+  deltas: PyTree, contributes: jax.Array, error: PyTree, axis_name: str | None = None
+) -> tuple[PyTree, PyTree, dict]:
+  """Default averager: ``delta = sum_{k in C} delta_k / |C|`` with one ``psum`` over workers.
 
-    Args:
-      deltas: pseudogradients of the local workers (leading local-worker axis), already zero for
-        workers that do not contribute.
-      contributes: bool ``[local workers]``, which local workers are in ``C``.
-      error: error-feedback buffers (unused here, returned as they are).
-      axis_name: mesh axis along which the other workers live (``None``: all workers are local).
+  Args:
+    deltas: pseudogradients of the local workers (leading local-worker axis), already zero for
+      workers that do not contribute.
+    contributes: bool ``[local workers]``, which local workers are in ``C``.
+    error: error-feedback buffers (unused here, returned as they are).
+    axis_name: mesh axis along which the other workers live (``None``: all workers are local).
 
-    Returns ``(delta, error, metrics)`` with ``delta`` identical on every worker and scalars:
-      ``num_contributing``: ``|C|`` (0 means the caller must skip the round; ``delta`` is then 0).
-      ``sync_bytes``: bytes each worker hands to the collective (its pseudogradient leaves, in their
-        own dtype, contributing or not) summed over all K workers.  When several workers share a
-        device they are summed locally before the collective; that simulation shortcut is not
-        counted, nor is the collective's internal traffic (e.g. a ring all-reduce's 2(n-1)/n).
-    """
-    local_sum = jax.tree.map(lambda d: jnp.sum(d, axis=0), deltas)
-    if axis_name is not None:
-        local_sum = jax.lax.psum(local_sum, axis_name)
+  Returns ``(delta, error, metrics)`` with ``delta`` identical on every worker and scalars:
+    ``num_contributing``: ``|C|`` (0 means the caller must skip the round; ``delta`` is then 0).
+    ``sync_bytes``: bytes each worker hands to the collective (its pseudogradient leaves, in their
+      own dtype, contributing or not) summed over all K workers.  When several workers share a
+      device they are summed locally before the collective; that simulation shortcut is not
+      counted, nor is the collective's internal traffic (e.g. a ring all-reduce's 2(n-1)/n).
+  """
+  local_sum = jax.tree.map(lambda d: jnp.sum(d, axis=0), deltas)
+  if axis_name is not None:
+    local_sum = jax.lax.psum(local_sum, axis_name)
+  count, num_workers = _worker_count(contributes, axis_name)
+  divisor = jnp.maximum(count, 1)
+  delta = jax.tree.map(lambda s: s / divisor.astype(s.dtype), local_sum)
+  bytes_per_worker = sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in jax.tree.leaves(deltas))
+  metrics = {
+    "num_contributing": count,
+    "sync_bytes": jnp.asarray(float(num_workers * bytes_per_worker), jnp.float32),
+  }
+  return delta, error, metrics
+
+
+def compressed_average(
+  spec: compression.CompressionSpec,
+  error_feedback: bool = True,
+  error_decay: float = 0.9,
+  exclude: compression.ExcludeFn = compression.exclude_vectors,
+  requantize_average: bool = False,
+) -> Averager:
+  """An averager that exchanges compressed pseudogradients (MuLoCo's 2-8 bit sync).
+
+  Per worker k (error feedback on):  e_k <- beta e_k + delta_k;  c_k = C(e_k);
+  e_k <- e_k - D(c_k).  Off:  c_k = C(delta_k).  The packed payloads ``c_k`` are
+  ``all_gather``-ed over the worker axis; every worker decodes all K and averages the
+  contributing ones: ``delta = sum_{k in C} D(c_k) / |C|``.  ``requantize_average`` applies
+  ``D(C(.))`` once more to the average, as the authors' runs do to stand in for a compressed
+  reduce-scatter + all-gather.  A worker left out keeps its error buffer unchanged.
+
+  Metrics: ``num_contributing``; ``sync_bytes`` = K x the bytes of one worker's payload
+  (the packed arrays handed to the all-gather); ``compression_error`` = mean over contributing
+  workers of ||x_k - D(C(x_k))|| / ||x_k|| for the compressed input x_k (e_k or delta_k);
+  ``error_buffer_norm`` = mean over workers of ||e_k|| after the step.
+  """
+
+  def average(deltas, contributes, error, axis_name=None):
+    def one_worker(e, d):
+      if error_feedback:
+        return compression.error_feedback_tree(e, d, spec, error_decay, exclude)
+      return compression.compress_tree(d, spec, exclude), e
+
+    like = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
+    ef_in = error if error_feedback else jax.tree.map(jnp.zeros_like, deltas)
+    payloads, new_error = jax.vmap(one_worker)(ef_in, deltas)
+    sent = (
+      jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
+      if error_feedback
+      else deltas
+    )
+    decode_all = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))
+    decoded_local = decode_all(payloads)
+    if error_feedback:
+      new_error = _select_workers(contributes, new_error, error)
+    else:
+      new_error = error
+
+    decoded, all_contributes = decoded_local, contributes
+    if axis_name is not None:  # every worker decodes the other workers' payloads too
+      gathered, all_contributes = jax.lax.all_gather((payloads, contributes), axis_name, tiled=True)
+      decoded = decode_all(gathered)
     count, num_workers = _worker_count(contributes, axis_name)
-    divisor = jnp.maximum(count, 1)
-    delta = jax.tree.map(lambda s: s / divisor.astype(s.dtype), local_sum)
-    bytes_per_worker = sum(math.prod(x.shape[1:]) * x.dtype.itemsize
-                           for x in jax.tree.leaves(deltas))
-    metrics = {"num_contributing": count,
-               "sync_bytes": jnp.asarray(float(num_workers * bytes_per_worker), jnp.float32)}
-    return delta, error, metrics
+    weights = all_contributes.astype(jnp.float32)
+    divisor = jnp.maximum(count, 1).astype(jnp.float32)
+    delta = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / divisor, decoded)
+    if requantize_average:
+      delta = compression.roundtrip_tree(delta, spec, exclude)
+    delta = jax.tree.map(lambda x, d: x.astype(d.dtype), delta, like)
+
+    residual = jax.tree.map(lambda a, b: a - b, sent, decoded_local)
+    rel_error = jnp.sqrt(
+      jax.vmap(_tree_dot)(residual, residual) / jnp.maximum(jax.vmap(_tree_dot)(sent, sent), 1e-30)
+    )
+    local_stats = jnp.stack(
+      [
+        jnp.sum(jnp.where(contributes, rel_error, 0.0)),
+        jnp.sum(jnp.sqrt(jax.vmap(_tree_dot)(new_error, new_error))) if error_feedback else 0.0,
+      ]
+    )
+    if axis_name is not None:
+      local_stats = jax.lax.psum(local_stats, axis_name)
+    payload_bytes = compression.payload_nbytes(payloads) // contributes.shape[0]
+    metrics = {
+      "num_contributing": count,
+      "sync_bytes": jnp.asarray(float(num_workers * payload_bytes), jnp.float32),
+      "compression_error": local_stats[0] / divisor,
+      "error_buffer_norm": local_stats[1] / num_workers,
+    }
+    return delta, new_error, metrics
+
+  return average
 
 
-def compressed_average(spec: compression.CompressionSpec, error_feedback: bool = True,
-                       error_decay: float = 0.9,
-                       exclude: compression.ExcludeFn = compression.exclude_vectors,
-                       requantize_average: bool = False) -> Averager:
-    """An averager that exchanges compressed pseudogradients (MuLoCo's 2-8 bit sync).
+def outer_step(
+  theta_ref: PyTree,
+  outer_opt_state: PyTree,
+  worker_params: PyTree,
+  outer_tx: optax.GradientTransformation,
+  active: jax.Array | None = None,
+  axis_name: str | None = None,
+  average: Averager = psum_average,
+  error: PyTree = None,
+) -> tuple[PyTree, PyTree, PyTree, dict]:
+  """Outer optimizer step on any subtree of the parameters (the whole tree, or one fragment).
 
-    Per worker k (error feedback on):  e_k <- beta e_k + delta_k;  c_k = C(e_k);
-    e_k <- e_k - D(c_k).  Off:  c_k = C(delta_k).  The packed payloads ``c_k`` are
-    ``all_gather``-ed over the worker axis; every worker decodes all K and averages the
-    contributing ones: ``delta = sum_{k in C} D(c_k) / |C|``.  ``requantize_average`` applies
-    ``D(C(.))`` once more to the average, as the authors' runs do to stand in for a compressed
-    reduce-scatter + all-gather.  A worker left out keeps its error buffer unchanged.
+  ``C = {k : active[k] and delta_k is finite}``; ``delta = average(delta_k, k in C)``;
+  ``theta, u = OuterOpt(theta_ref, u, delta)`` if ``C`` is non-empty, else ``theta_ref, u``.
 
-    Metrics: ``num_contributing``; ``sync_bytes`` = K x the bytes of one worker's payload
-    (the packed arrays handed to the all-gather); ``compression_error`` = mean over contributing
-    workers of ||x_k - D(C(x_k))|| / ||x_k|| for the compressed input x_k (e_k or delta_k);
-    ``error_buffer_norm`` = mean over workers of ||e_k|| after the step.
-    """
-    def average(deltas, contributes, error, axis_name=None):
-        def one_worker(e, d):
-            if error_feedback:
-                return compression.error_feedback_tree(e, d, spec, error_decay, exclude)
-            return compression.compress_tree(d, spec, exclude), e
+  Args:
+    theta_ref: the shared parameters of the subtree.
+    outer_opt_state: the outer optimizer state for that subtree.
+    worker_params: the same subtree of every local worker (leading local-worker axis).
+    outer_tx: the outer optimizer.
+    active: optional bool ``[local workers]``; ``False`` leaves a worker out of the average.
+    axis_name: mesh axis of the workers (``None`` when all workers are local).
+    average: the averager (``psum_average``, or ``compressed_average(...)``).
+    error: the local workers' error-feedback buffers for the subtree (if the averager keeps any).
 
-        like = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
-        ef_in = error if error_feedback else jax.tree.map(jnp.zeros_like, deltas)
-        payloads, new_error = jax.vmap(one_worker)(ef_in, deltas)
-        sent = (jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
-                if error_feedback else deltas)
-        decode_all = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))
-        decoded_local = decode_all(payloads)
-        if error_feedback:
-            new_error = _select_workers(contributes, new_error, error)
-        else:
-            new_error = error
+  Returns the new ``theta``, outer state, error buffers and metrics: the averager's scalars plus
+  ``pseudograd_norm`` (norm of ``delta``) and, per local worker, ``worker_pseudograd_norm``,
+  ``worker_cosine`` (cosine of ``delta_k`` with ``delta``) and ``worker_contributed``.
+  """
+  deltas = pseudogradient(theta_ref, worker_params)
+  finite = _workers_all_finite(deltas, jax.tree.leaves(deltas)[0].shape[0])
+  contributes = finite if active is None else finite & active
+  clean = _select_workers(contributes, deltas, jax.tree.map(jnp.zeros_like, deltas))
+  delta, error, metrics = average(clean, contributes, error, axis_name)
 
-        decoded, all_contributes = decoded_local, contributes
-        if axis_name is not None:  # every worker decodes the other workers' payloads too
-            gathered, all_contributes = jax.lax.all_gather((payloads, contributes), axis_name,
-                                                           tiled=True)
-            decoded = decode_all(gathered)
-        count, num_workers = _worker_count(contributes, axis_name)
-        weights = all_contributes.astype(jnp.float32)
-        divisor = jnp.maximum(count, 1).astype(jnp.float32)
-        delta = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / divisor, decoded)
-        if requantize_average:
-            delta = compression.roundtrip_tree(delta, spec, exclude)
-        delta = jax.tree.map(lambda x, d: x.astype(d.dtype), delta, like)
+  updates, new_outer_state = outer_tx.update(delta, outer_opt_state, theta_ref)
+  new_theta = optax.apply_updates(theta_ref, updates)
+  skip = metrics["num_contributing"] == 0
+  new_theta = _select(skip, theta_ref, new_theta)
+  new_outer_state = _select(skip, outer_opt_state, new_outer_state)
 
-        residual = jax.tree.map(lambda a, b: a - b, sent, decoded_local)
-        rel_error = jnp.sqrt(jax.vmap(_tree_dot)(residual, residual)
-                             / jnp.maximum(jax.vmap(_tree_dot)(sent, sent), 1e-30))
-        local_stats = jnp.stack([jnp.sum(jnp.where(contributes, rel_error, 0.0)),
-                                 jnp.sum(jnp.sqrt(jax.vmap(_tree_dot)(new_error, new_error)))
-                                 if error_feedback else 0.0])
-        if axis_name is not None:
-            local_stats = jax.lax.psum(local_stats, axis_name)
-        payload_bytes = compression.payload_nbytes(payloads) // contributes.shape[0]
-        metrics = {"num_contributing": count,
-                   "sync_bytes": jnp.asarray(float(num_workers * payload_bytes), jnp.float32),
-                   "compression_error": local_stats[0] / divisor,
-                   "error_buffer_norm": local_stats[1] / num_workers}
-        return delta, new_error, metrics
-
-    return average
+  delta_norm = optax.tree.norm(delta)
+  worker_norm = jax.vmap(optax.tree.norm)(clean)
+  worker_dot = jax.vmap(_tree_dot, in_axes=(0, None))(clean, delta)
+  metrics = dict(
+    metrics,
+    pseudograd_norm=delta_norm,
+    worker_pseudograd_norm=jnp.where(contributes, worker_norm, jnp.nan),
+    worker_cosine=jnp.where(
+      contributes, worker_dot / jnp.maximum(worker_norm * delta_norm, 1e-30), jnp.nan
+    ),
+    worker_contributed=contributes,
+  )
+  return new_theta, new_outer_state, error, metrics
 
 
-def outer_step(theta_ref: PyTree, outer_opt_state: PyTree, worker_params: PyTree,
-               outer_tx: optax.GradientTransformation, active: jax.Array | None = None,
-               axis_name: str | None = None, average: Averager = psum_average,
-               error: PyTree = None) -> tuple[PyTree, PyTree, PyTree, dict]:
-    """Outer optimizer step on any subtree of the parameters (the whole tree, or one fragment).
+def outer_sync(
+  state: DiLoCoState,
+  inner_tx: optax.GradientTransformation,
+  outer_tx: optax.GradientTransformation,
+  active: jax.Array | None = None,
+  axis_name: str | None = None,
+  average: Averager = psum_average,
+  fragments: "tuple[Fragment, ...]" = (None,),
+  fragment_index: int = 0,
+) -> tuple[DiLoCoState, dict]:
+  """Sync of one fragment (the whole tree without streaming): ``outer_step``, then every
+  worker restarts that fragment from the new theta.
 
-    ``C = {k : active[k] and delta_k is finite}``; ``delta = average(delta_k, k in C)``;
-    ``theta, u = OuterOpt(theta_ref, u, delta)`` if ``C`` is non-empty, else ``theta_ref, u``.
-
-    Args:
-      theta_ref: the shared parameters of the subtree.
-      outer_opt_state: the outer optimizer state for that subtree.
-      worker_params: the same subtree of every local worker (leading local-worker axis).
-      outer_tx: the outer optimizer.
-      active: optional bool ``[local workers]``; ``False`` leaves a worker out of the average.
-      axis_name: mesh axis of the workers (``None`` when all workers are local).
-      average: the averager (``psum_average``, or ``compressed_average(...)``).
-      error: the local workers' error-feedback buffers for the subtree (if the averager keeps any).
-
-    Returns the new ``theta``, outer state, error buffers and metrics: the averager's scalars plus
-    ``pseudograd_norm`` (norm of ``delta``) and, per local worker, ``worker_pseudograd_norm``,
-    ``worker_cosine`` (cosine of ``delta_k`` with ``delta``) and ``worker_contributed``.
-    """
-    deltas = pseudogradient(theta_ref, worker_params)
-    finite = _workers_all_finite(deltas, jax.tree.leaves(deltas)[0].shape[0])
-    contributes = finite if active is None else finite & active
-    clean = _select_workers(contributes, deltas, jax.tree.map(jnp.zeros_like, deltas))
-    delta, error, metrics = average(clean, contributes, error, axis_name)
-
-    updates, new_outer_state = outer_tx.update(delta, outer_opt_state, theta_ref)
-    new_theta = optax.apply_updates(theta_ref, updates)
-    skip = metrics["num_contributing"] == 0
-    new_theta = _select(skip, theta_ref, new_theta)
-    new_outer_state = _select(skip, outer_opt_state, new_outer_state)
-
-    delta_norm = optax.tree.norm(delta)
-    worker_norm = jax.vmap(optax.tree.norm)(clean)
-    worker_dot = jax.vmap(_tree_dot, in_axes=(0, None))(clean, delta)
-    metrics = dict(metrics,
-                   pseudograd_norm=delta_norm,
-                   worker_pseudograd_norm=jnp.where(contributes, worker_norm, jnp.nan),
-                   worker_cosine=jnp.where(
-                       contributes, worker_dot / jnp.maximum(worker_norm * delta_norm, 1e-30),
-                       jnp.nan),
-                   worker_contributed=contributes)
-    return new_theta, new_outer_state, error, metrics
-
-
-def outer_sync(state: DiLoCoState, inner_tx: optax.GradientTransformation,
-               outer_tx: optax.GradientTransformation, active: jax.Array | None = None,
-               axis_name: str | None = None, average: Averager = psum_average,
-               fragments: "tuple[Fragment, ...]" = (None,),
-               fragment_index: int = 0) -> tuple[DiLoCoState, dict]:
-    """Sync of one fragment (the whole tree without streaming): ``outer_step``, then every
-    worker restarts that fragment from the new theta.
-
-    Every worker (contributing or not) takes the new ``theta`` of the fragment; a worker keeps its
-    inner optimizer state unless that state holds a non-finite value or the worker is inactive
-    (a lost worker comes back without its state), in which case it is re-initialised with
-    ``inner_tx.init(theta)`` (reported as ``worker_opt_state_reset``).
-    ``step`` is unchanged.  See ``outer_step`` for ``active``, ``axis_name``, ``average`` and the
-    metrics.
-    """
-    fragment = fragments[fragment_index]
-    error = _subtree(state.error, fragment) if state.error != {} else {}
-    theta, fragment_outer_state, error, metrics = outer_step(
-        _subtree(state.params, fragment), state.outer_opt_state[fragment_index],
-        _subtree(state.worker_params, fragment), outer_tx, active=active, axis_name=axis_name,
-        average=average, error=error)
-    num_local = jax.tree.leaves(state.worker_params)[0].shape[0]
-    params = _merge(state.params, theta, fragment)
-    worker_params = _merge(state.worker_params, _stack(theta, num_local), fragment)
-    reset = ~_workers_all_finite(state.worker_opt_state, num_local)
-    if active is not None:
-        reset |= ~active
-    worker_opt_state = _select_workers(reset, _stack(inner_tx.init(params), num_local),
-                                       state.worker_opt_state)
-    outer_opt_state = tuple(fragment_outer_state if i == fragment_index else s
-                            for i, s in enumerate(state.outer_opt_state))
-    state = state._replace(params=params, outer_opt_state=outer_opt_state,
-                           worker_params=worker_params, worker_opt_state=worker_opt_state,
-                           error=_merge(state.error, error, fragment) if error != {} else {})
-    return state, dict(metrics, worker_opt_state_reset=reset)
+  Every worker (contributing or not) takes the new ``theta`` of the fragment; a worker keeps its
+  inner optimizer state unless that state holds a non-finite value or the worker is inactive
+  (a lost worker comes back without its state), in which case it is re-initialised with
+  ``inner_tx.init(theta)`` (reported as ``worker_opt_state_reset``).
+  ``step`` is unchanged.  See ``outer_step`` for ``active``, ``axis_name``, ``average`` and the
+  metrics.
+  """
+  fragment = fragments[fragment_index]
+  error = _subtree(state.error, fragment) if state.error != {} else {}
+  theta, fragment_outer_state, error, metrics = outer_step(
+    _subtree(state.params, fragment),
+    state.outer_opt_state[fragment_index],
+    _subtree(state.worker_params, fragment),
+    outer_tx,
+    active=active,
+    axis_name=axis_name,
+    average=average,
+    error=error,
+  )
+  num_local = jax.tree.leaves(state.worker_params)[0].shape[0]
+  params = _merge(state.params, theta, fragment)
+  worker_params = _merge(state.worker_params, _stack(theta, num_local), fragment)
+  reset = ~_workers_all_finite(state.worker_opt_state, num_local)
+  if active is not None:
+    reset |= ~active
+  worker_opt_state = _select_workers(
+    reset, _stack(inner_tx.init(params), num_local), state.worker_opt_state
+  )
+  outer_opt_state = tuple(
+    fragment_outer_state if i == fragment_index else s for i, s in enumerate(state.outer_opt_state)
+  )
+  state = state._replace(
+    params=params,
+    outer_opt_state=outer_opt_state,
+    worker_params=worker_params,
+    worker_opt_state=worker_opt_state,
+    error=_merge(state.error, error, fragment) if error != {} else {},
+  )
+  return state, dict(metrics, worker_opt_state_reset=reset)
 
 
 def make_mesh(worker_parallelism: int, data_parallelism: int = 1, devices=None) -> Mesh:
-    """A ``("worker", "data")`` mesh over the first ``worker_parallelism * data_parallelism``
-    devices (default ``jax.devices()``); a worker row holds consecutive devices."""
-    devices = list(jax.devices() if devices is None else devices)
-    needed = worker_parallelism * data_parallelism
-    if needed > len(devices):
-        raise ValueError(f"mesh worker={worker_parallelism} x data={data_parallelism} needs "
-                         f"{needed} devices, only {len(devices)} available")
-    grid = np.asarray(devices[:needed], dtype=object).reshape(worker_parallelism, data_parallelism)
-    return Mesh(grid, (WORKER_AXIS, DATA_AXIS))
+  """A ``("worker", "data")`` mesh over the first ``worker_parallelism * data_parallelism``
+  devices (default ``jax.devices()``); a worker row holds consecutive devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  needed = worker_parallelism * data_parallelism
+  if needed > len(devices):
+    raise ValueError(
+      f"mesh worker={worker_parallelism} x data={data_parallelism} needs "
+      f"{needed} devices, only {len(devices)} available"
+    )
+  grid = np.asarray(devices[:needed], dtype=object).reshape(worker_parallelism, data_parallelism)
+  return Mesh(grid, (WORKER_AXIS, DATA_AXIS))
 
 
 def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host array every process holds (each process places its shards)."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  """A global array from a host array every process holds (each process places its shards)."""
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 class DiLoCo:
-    """DiLoCo on a ``("worker", "data")`` mesh: jitted, sharded ``init``/``inner_step``/``outer_sync``.
+  """DiLoCo on a ``("worker", "data")`` mesh: jitted, sharded ``init``/``inner_step``/``outer_sync``.
 
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``; batch is a dict of arrays with a leading
-        batch axis (one worker's rows, or one ``data`` shard of them).
-      inner_tx, outer_tx: optax optimizers (``outer_optimizer()`` is the usual outer one).
-      num_workers: K, the number of DiLoCo workers.
-      mesh: a mesh with axes ``("worker", "data")``; K must be divisible by its ``worker`` size.
-      devices, data_parallelism: used when ``mesh`` is None: ``data_parallelism`` devices per
-        worker, and the largest worker-axis size W that divides K and fits ``devices``.
-      average: the averager used by ``outer_sync`` (``psum_average`` by default, or
-        ``compressed_average(...)``).
-      fragments: streaming DiLoCo's fragments (see ``split_into_fragments``); the default is
-        one fragment, the whole tree.
-      error_feedback: keep per-worker error-feedback buffers in the state (for an averager
-        built with ``compressed_average(error_feedback=True)``).
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``; batch is a dict of arrays with a leading
+      batch axis (one worker's rows, or one ``data`` shard of them).
+    inner_tx, outer_tx: optax optimizers (``outer_optimizer()`` is the usual outer one).
+    num_workers: K, the number of DiLoCo workers.
+    mesh: a mesh with axes ``("worker", "data")``; K must be divisible by its ``worker`` size.
+    devices, data_parallelism: used when ``mesh`` is None: ``data_parallelism`` devices per
+      worker, and the largest worker-axis size W that divides K and fits ``devices``.
+    average: the averager used by ``outer_sync`` (``psum_average`` by default, or
+      ``compressed_average(...)``).
+    fragments: streaming DiLoCo's fragments (see ``split_into_fragments``); the default is
+      one fragment, the whole tree.
+    error_feedback: keep per-worker error-feedback buffers in the state (for an averager
+      built with ``compressed_average(error_feedback=True)``).
 
-    Sharding of ``DiLoCoState``: ``params``, ``outer_opt_state``, ``step`` replicated;
-    ``worker_params``, ``worker_opt_state``, ``error`` split over ``worker`` along their leading K axis
-    (``P("worker")``, replicated over ``data``).  Batches have leaves ``[K, B/K, ...]``
-    sharded ``P("worker", "data")`` (``shard_batch`` makes them from a global ``[B, ...]`` batch);
-    the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step`` and ``outer_sync``
-    donate the state.
-    """
+  Sharding of ``DiLoCoState``: ``params``, ``outer_opt_state``, ``step`` replicated;
+  ``worker_params``, ``worker_opt_state``, ``error`` split over ``worker`` along their leading K axis
+  (``P("worker")``, replicated over ``data``).  Batches have leaves ``[K, B/K, ...]``
+  sharded ``P("worker", "data")`` (``shard_batch`` makes them from a global ``[B, ...]`` batch);
+  the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step`` and ``outer_sync``
+  donate the state.
+  """
 
-    def __init__(self, loss_fn: LossFn, inner_tx: optax.GradientTransformation,
-                 outer_tx: optax.GradientTransformation, num_workers: int, mesh: Mesh | None = None,
-                 *, devices=None, data_parallelism: int = 1, average: Averager = psum_average,
-                 fragments: "tuple[Fragment, ...]" = (None,), error_feedback: bool = False):
-        if mesh is None:
-            devices = list(jax.devices() if devices is None else devices)
-            mesh = make_mesh(math.gcd(num_workers, len(devices) // data_parallelism),
-                             data_parallelism, devices)
-        if tuple(mesh.axis_names) != (WORKER_AXIS, DATA_AXIS):
-            raise ValueError(f"mesh axes must be {(WORKER_AXIS, DATA_AXIS)}, got {mesh.axis_names}")
-        worker_size = mesh.shape[WORKER_AXIS]
-        if num_workers < 1 or num_workers % worker_size:
-            raise ValueError(f"diloco.num_workers={num_workers} must be a positive multiple of the "
-                             f"mesh 'worker' axis size {worker_size}")
-        self.loss_fn, self.inner_tx, self.outer_tx = loss_fn, inner_tx, outer_tx
-        self.num_workers, self.mesh, self.fragments = num_workers, mesh, tuple(fragments)
-        self.data_parallelism = mesh.shape[DATA_AXIS]
+  def __init__(
+    self,
+    loss_fn: LossFn,
+    inner_tx: optax.GradientTransformation,
+    outer_tx: optax.GradientTransformation,
+    num_workers: int,
+    mesh: Mesh | None = None,
+    *,
+    devices=None,
+    data_parallelism: int = 1,
+    average: Averager = psum_average,
+    fragments: "tuple[Fragment, ...]" = (None,),
+    error_feedback: bool = False,
+  ):
+    if mesh is None:
+      devices = list(jax.devices() if devices is None else devices)
+      mesh = make_mesh(
+        math.gcd(num_workers, len(devices) // data_parallelism), data_parallelism, devices
+      )
+    if tuple(mesh.axis_names) != (WORKER_AXIS, DATA_AXIS):
+      raise ValueError(f"mesh axes must be {(WORKER_AXIS, DATA_AXIS)}, got {mesh.axis_names}")
+    worker_size = mesh.shape[WORKER_AXIS]
+    if num_workers < 1 or num_workers % worker_size:
+      raise ValueError(
+        f"diloco.num_workers={num_workers} must be a positive multiple of the "
+        f"mesh 'worker' axis size {worker_size}"
+      )
+    self.loss_fn, self.inner_tx, self.outer_tx = loss_fn, inner_tx, outer_tx
+    self.num_workers, self.mesh, self.fragments = num_workers, mesh, tuple(fragments)
+    self.data_parallelism = mesh.shape[DATA_AXIS]
 
-        def sharding(spec):
-            return NamedSharding(mesh, spec)
+    def sharding(spec):
+      return NamedSharding(mesh, spec)
 
-        self.state_specs = DiLoCoState(params=P(), outer_opt_state=P(), worker_params=P(WORKER_AXIS),
-                                       worker_opt_state=P(WORKER_AXIS), error=P(WORKER_AXIS),
-                                       step=P())
-        self.state_sharding = jax.tree.map(sharding, self.state_specs)
-        self.batch_sharding = sharding(P(WORKER_AXIS, DATA_AXIS))
-        self.active_sharding = sharding(P(WORKER_AXIS))
-        self.replicated = sharding(P())
-        data_axis = DATA_AXIS if self.data_parallelism > 1 else None
+    self.state_specs = DiLoCoState(
+      params=P(),
+      outer_opt_state=P(),
+      worker_params=P(WORKER_AXIS),
+      worker_opt_state=P(WORKER_AXIS),
+      error=P(WORKER_AXIS),
+      step=P(),
+    )
+    self.state_sharding = jax.tree.map(sharding, self.state_specs)
+    self.batch_sharding = sharding(P(WORKER_AXIS, DATA_AXIS))
+    self.active_sharding = sharding(P(WORKER_AXIS))
+    self.replicated = sharding(P())
+    data_axis = DATA_AXIS if self.data_parallelism > 1 else None
 
-        def local_inner(state, batch):
-            return inner_step(state, batch, loss_fn, inner_tx, data_axis)
+    def local_inner(state, batch):
+      return inner_step(state, batch, loss_fn, inner_tx, data_axis)
 
-        def local_outer(state, active, fragment_index):
-            state, metrics = outer_sync(state, inner_tx, outer_tx, active, WORKER_AXIS, average,
-                                        self.fragments, fragment_index)
-            per_worker = {k: v for k, v in metrics.items() if k.startswith("worker_")}
-            return state, {k: v for k, v in metrics.items() if k not in per_worker}, per_worker
+    def local_outer(state, active, fragment_index):
+      state, metrics = outer_sync(
+        state, inner_tx, outer_tx, active, WORKER_AXIS, average, self.fragments, fragment_index
+      )
+      per_worker = {k: v for k, v in metrics.items() if k.startswith("worker_")}
+      return state, {k: v for k, v in metrics.items() if k not in per_worker}, per_worker
 
-        sharded_inner = jax.shard_map(
-            local_inner, mesh=mesh, in_specs=(self.state_specs, P(WORKER_AXIS, DATA_AXIS)),
-            out_specs=(self.state_specs, P(WORKER_AXIS)), check_vma=False)
+    sharded_inner = jax.shard_map(
+      local_inner,
+      mesh=mesh,
+      in_specs=(self.state_specs, P(WORKER_AXIS, DATA_AXIS)),
+      out_specs=(self.state_specs, P(WORKER_AXIS)),
+      check_vma=False,
+    )
 
-        def outer_fn(fragment_index):
-            sharded_outer = jax.shard_map(
-                lambda state, active: local_outer(state, active, fragment_index), mesh=mesh,
-                in_specs=(self.state_specs, P(WORKER_AXIS)),
-                out_specs=(self.state_specs, P(), P(WORKER_AXIS)), check_vma=False)
+    def outer_fn(fragment_index):
+      sharded_outer = jax.shard_map(
+        lambda state, active: local_outer(state, active, fragment_index),
+        mesh=mesh,
+        in_specs=(self.state_specs, P(WORKER_AXIS)),
+        out_specs=(self.state_specs, P(), P(WORKER_AXIS)),
+        check_vma=False,
+      )
 
-            def sync(state, active):
-                state, scalars, per_worker = sharded_outer(state, active)
-                return state, {**scalars, **per_worker}
-            return jax.jit(sync, donate_argnums=0,
-                           in_shardings=(self.state_sharding, self.active_sharding))
+      def sync(state, active):
+        state, scalars, per_worker = sharded_outer(state, active)
+        return state, {**scalars, **per_worker}
 
-        self._init = jax.jit(
-            lambda params: init(params, inner_tx, outer_tx, num_workers, self.fragments,
-                                error_feedback),
-            in_shardings=self.replicated, out_shardings=self.state_sharding)
-        self._inner_step = jax.jit(sharded_inner, donate_argnums=0,
-                                   in_shardings=(self.state_sharding, self.batch_sharding),
-                                   out_shardings=(self.state_sharding, self.active_sharding))
-        self._outer_syncs = tuple(outer_fn(f) for f in range(len(self.fragments)))
-        self._all_active = _global_array(np.ones(num_workers, bool), self.active_sharding)
+      return jax.jit(
+        sync, donate_argnums=0, in_shardings=(self.state_sharding, self.active_sharding)
+      )
 
-    def init(self, params: PyTree) -> DiLoCoState:
-        """``init`` on the mesh; ``params`` is a host pytree (the same on every process)."""
-        params = jax.tree.map(lambda x: _global_array(np.asarray(x), self.replicated), params)
-        return self._init(params)
+    self._init = jax.jit(
+      lambda params: init(params, inner_tx, outer_tx, num_workers, self.fragments, error_feedback),
+      in_shardings=self.replicated,
+      out_shardings=self.state_sharding,
+    )
+    self._inner_step = jax.jit(
+      sharded_inner,
+      donate_argnums=0,
+      in_shardings=(self.state_sharding, self.batch_sharding),
+      out_shardings=(self.state_sharding, self.active_sharding),
+    )
+    self._outer_syncs = tuple(outer_fn(f) for f in range(len(self.fragments)))
+    self._all_active = _global_array(np.ones(num_workers, bool), self.active_sharding)
 
-    def _check_batch_size(self, batch_size: int, per_worker: bool) -> None:
-        k, d = self.num_workers, self.data_parallelism
-        rows = batch_size if per_worker else batch_size // k
-        if not per_worker and batch_size % k:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by "
-                             f"diloco.num_workers={k}")
-        if rows % d:
-            raise ValueError(f"train.batch_size / diloco.num_workers = {rows} rows per worker must "
-                             f"be divisible by the mesh 'data' axis size {d}")
+  def init(self, params: PyTree) -> DiLoCoState:
+    """``init`` on the mesh; ``params`` is a host pytree (the same on every process)."""
+    params = jax.tree.map(lambda x: _global_array(np.asarray(x), self.replicated), params)
+    return self._init(params)
 
-    def shard_batch(self, batch: dict) -> dict:
-        """Global host batch ``[B, ...]`` -> ``[K, B/K, ...]`` on the mesh (worker k gets rows
-        ``[k B/K, (k+1) B/K)``).  Every process passes the same global batch and places only
-        its own shards; alternatively build the arrays with ``batch_sharding`` directly."""
-        sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
-        if len(sizes) != 1:
-            raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
-        self._check_batch_size(sizes.pop(), per_worker=False)
-        k = self.num_workers
+  def _check_batch_size(self, batch_size: int, per_worker: bool) -> None:
+    k, d = self.num_workers, self.data_parallelism
+    rows = batch_size if per_worker else batch_size // k
+    if not per_worker and batch_size % k:
+      raise ValueError(f"train.batch_size={batch_size} must be divisible by diloco.num_workers={k}")
+    if rows % d:
+      raise ValueError(
+        f"train.batch_size / diloco.num_workers = {rows} rows per worker must "
+        f"be divisible by the mesh 'data' axis size {d}"
+      )
 
-        def place(x):
-            x = np.asarray(x)
-            return _global_array(x.reshape((k, x.shape[0] // k) + x.shape[1:]), self.batch_sharding)
-        return jax.tree.map(place, batch)
+  def shard_batch(self, batch: dict) -> dict:
+    """Global host batch ``[B, ...]`` -> ``[K, B/K, ...]`` on the mesh (worker k gets rows
+    ``[k B/K, (k+1) B/K)``).  Every process passes the same global batch and places only
+    its own shards; alternatively build the arrays with ``batch_sharding`` directly."""
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+      raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
+    self._check_batch_size(sizes.pop(), per_worker=False)
+    k = self.num_workers
 
-    def inner_step(self, state: DiLoCoState, batch: dict) -> tuple[DiLoCoState, dict]:
-        """One inner step of all K workers (see ``inner_step``); ``batch`` leaves are
-        ``[K, B/K, ...]`` (see ``shard_batch``).  Metrics: ``loss``, ``grad_norm``, each ``[K]``."""
-        for x in jax.tree.leaves(batch):
-            if x.ndim < 2 or x.shape[0] != self.num_workers:
-                raise ValueError(f"batch leaves must be [diloco.num_workers={self.num_workers}, "
-                                 f"B/K, ...], got shape {x.shape}; use shard_batch")
-            self._check_batch_size(x.shape[1], per_worker=True)
-        return self._inner_step(state, batch)
+    def place(x):
+      x = np.asarray(x)
+      return _global_array(x.reshape((k, x.shape[0] // k) + x.shape[1:]), self.batch_sharding)
 
-    def outer_sync(self, state: DiLoCoState, active: np.ndarray | jax.Array | None = None,
-                   fragment_index: int = 0) -> tuple[DiLoCoState, dict]:
-        """Outer sync of one fragment (default: the only one) over all K workers (see
-        ``outer_sync``); ``active`` is an optional bool ``[K]`` mask.  Metrics: ``pseudograd_norm``, ``num_contributing``, ``sync_bytes``
-        (scalars) and ``worker_pseudograd_norm``, ``worker_cosine``, ``worker_contributed``,
-        ``worker_opt_state_reset`` (``[K]``)."""
-        if active is None:
-            active = self._all_active
-        elif not isinstance(active, jax.Array):
-            active = np.asarray(active, bool)
-            if active.shape != (self.num_workers,):
-                raise ValueError(f"active must have shape ({self.num_workers},), got {active.shape}")
-            active = _global_array(active, self.active_sharding)
-        return self._outer_syncs[fragment_index](state, active)
+    return jax.tree.map(place, batch)
+
+  def inner_step(self, state: DiLoCoState, batch: dict) -> tuple[DiLoCoState, dict]:
+    """One inner step of all K workers (see ``inner_step``); ``batch`` leaves are
+    ``[K, B/K, ...]`` (see ``shard_batch``).  Metrics: ``loss``, ``grad_norm``, each ``[K]``."""
+    for x in jax.tree.leaves(batch):
+      if x.ndim < 2 or x.shape[0] != self.num_workers:
+        raise ValueError(
+          f"batch leaves must be [diloco.num_workers={self.num_workers}, "
+          f"B/K, ...], got shape {x.shape}; use shard_batch"
+        )
+      self._check_batch_size(x.shape[1], per_worker=True)
+    return self._inner_step(state, batch)
+
+  def outer_sync(
+    self, state: DiLoCoState, active: np.ndarray | jax.Array | None = None, fragment_index: int = 0
+  ) -> tuple[DiLoCoState, dict]:
+    """Outer sync of one fragment (default: the only one) over all K workers (see
+    ``outer_sync``); ``active`` is an optional bool ``[K]`` mask.  Metrics: ``pseudograd_norm``, ``num_contributing``, ``sync_bytes``
+    (scalars) and ``worker_pseudograd_norm``, ``worker_cosine``, ``worker_contributed``,
+    ``worker_opt_state_reset`` (``[K]``)."""
+    if active is None:
+      active = self._all_active
+    elif not isinstance(active, jax.Array):
+      active = np.asarray(active, bool)
+      if active.shape != (self.num_workers,):
+        raise ValueError(f"active must have shape ({self.num_workers},), got {active.shape}")
+      active = _global_array(active, self.active_sharding)
+    return self._outer_syncs[fragment_index](state, active)

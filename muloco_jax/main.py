@@ -3,6 +3,7 @@
 On several hosts, pass --coordinator_address, --num_processes and --process_id
 (or nothing on platforms where `jax.distributed.initialize()` finds them).
 """
+
 import sys
 
 from absl import app
@@ -12,8 +13,7 @@ from ml_collections import config_flags
 
 from muloco_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
@@ -32,9 +32,11 @@ def _parse_flags(argv):
     key, _, hint = str(message).partition("\n")
     key = key.strip("\"'")
     overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    named = [a for a in overrides if key in a[len("--config."):].split(".")] or overrides
-    sys.exit(f"FATAL Flags parsing error: the config has no field {key!r} "
-             f"({', '.join(named)}). {hint}".rstrip())
+    named = [a for a in overrides if key in a[len("--config.") :].split(".")] or overrides
+    sys.exit(
+      f"FATAL Flags parsing error: the config has no field {key!r} "
+      f"({', '.join(named)}). {hint}".rstrip()
+    )
 
 
 def main(argv):

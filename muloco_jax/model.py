@@ -44,205 +44,223 @@ _INIT_STD = 0.02
 # names count untied embedding + head, e.g. 150M = 2 * 128256 * 512 + 6 * 12.25 * 512^2.
 # ``tiny`` (~1.5M) and ``small`` (~10M) are CPU-sized models for tests and quick experiments.
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(d_model=128, num_layers=2, head_dim=32, vocab_size=4096),
-    "small": dict(d_model=256, num_layers=10, head_dim=64, vocab_size=4096),
-    "150m": dict(d_model=512, num_layers=6, head_dim=128, vocab_size=128256),
-    "416m": dict(d_model=1024, num_layers=12, head_dim=128, vocab_size=128256),
-    "914m": dict(d_model=1536, num_layers=18, head_dim=128, vocab_size=128256),
-    "1.76b": dict(d_model=2048, num_layers=24, head_dim=128, vocab_size=128256),
-    "3.1b": dict(d_model=2560, num_layers=30, head_dim=128, vocab_size=128256),
-    "15b": dict(d_model=4608, num_layers=54, head_dim=128, vocab_size=128256),
+  "tiny": dict(d_model=128, num_layers=2, head_dim=32, vocab_size=4096),
+  "small": dict(d_model=256, num_layers=10, head_dim=64, vocab_size=4096),
+  "150m": dict(d_model=512, num_layers=6, head_dim=128, vocab_size=128256),
+  "416m": dict(d_model=1024, num_layers=12, head_dim=128, vocab_size=128256),
+  "914m": dict(d_model=1536, num_layers=18, head_dim=128, vocab_size=128256),
+  "1.76b": dict(d_model=2048, num_layers=24, head_dim=128, vocab_size=128256),
+  "3.1b": dict(d_model=2560, num_layers=30, head_dim=128, vocab_size=128256),
+  "15b": dict(d_model=4608, num_layers=54, head_dim=128, vocab_size=128256),
 }
 
 
 def _default_mlp_hidden(d_model: int) -> int:
-    """ceil(2.75 * d_model) rounded up to a multiple of 128 (of 64 when d_model < 512).
+  """ceil(2.75 * d_model) rounded up to a multiple of 128 (of 64 when d_model < 512).
 
-    Exactly 2.75 * d_model for every paper size.
-    """
-    multiple = 128 if d_model >= 512 else 64
-    return -(-math.ceil(2.75 * d_model) // multiple) * multiple
+  Exactly 2.75 * d_model for every paper size.
+  """
+  multiple = 128 if d_model >= 512 else 64
+  return -(-math.ceil(2.75 * d_model) // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Transformer hyper-parameters.
+  """Transformer hyper-parameters.
 
-    ``num_heads`` defaults to ``d_model // head_dim`` (``d_model`` must then be a multiple of
-    ``head_dim``); ``mlp_hidden`` defaults to ``_default_mlp_hidden(d_model)``. Both are resolved
-    at construction, so ``dataclasses.replace(config, d_model=...)`` keeps the old values.
-    """
+  ``num_heads`` defaults to ``d_model // head_dim`` (``d_model`` must then be a multiple of
+  ``head_dim``); ``mlp_hidden`` defaults to ``_default_mlp_hidden(d_model)``. Both are resolved
+  at construction, so ``dataclasses.replace(config, d_model=...)`` keeps the old values.
+  """
 
-    vocab_size: int
-    d_model: int
-    num_layers: int
-    num_heads: int | None = None
-    head_dim: int = 128
-    mlp_hidden: int | None = None
-    max_seq_len: int = 2048
-    rope_theta: float = 5e5
-    norm_eps: float = 1e-6
-    scan_layers: bool = False
-    remat: bool = False
-    dtype: Any = jnp.bfloat16
-    param_dtype: Any = jnp.float32
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int | None = None
+  head_dim: int = 128
+  mlp_hidden: int | None = None
+  max_seq_len: int = 2048
+  rope_theta: float = 5e5
+  norm_eps: float = 1e-6
+  scan_layers: bool = False
+  remat: bool = False
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.float32
 
-    def __post_init__(self):
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.num_heads is None:
-            if self.d_model % self.head_dim:
-                raise ValueError(
-                    f"d_model={self.d_model} is not a multiple of head_dim={self.head_dim}; "
-                    "set num_heads explicitly")
-            object.__setattr__(self, "num_heads", self.d_model // self.head_dim)
-        if self.mlp_hidden is None:
-            object.__setattr__(self, "mlp_hidden", _default_mlp_hidden(self.d_model))
+  def __post_init__(self):
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    if self.num_heads is None:
+      if self.d_model % self.head_dim:
+        raise ValueError(
+          f"d_model={self.d_model} is not a multiple of head_dim={self.head_dim}; "
+          "set num_heads explicitly"
+        )
+      object.__setattr__(self, "num_heads", self.d_model // self.head_dim)
+    if self.mlp_hidden is None:
+      object.__setattr__(self, "mlp_hidden", _default_mlp_hidden(self.d_model))
 
 
-def model_config(size: str, vocab_size: int | None = None, max_seq_len: int = 2048,
-                 **overrides) -> ModelConfig:
-    """The ``ModelConfig`` of a preset in ``PRESETS``; ``overrides`` replace any config field."""
-    if size.lower() not in PRESETS:
-        raise ValueError(f"unknown model size {size!r}; valid sizes: {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    for name in overrides:
-        if name not in fields:
-            raise ValueError(f"unknown ModelConfig field {name!r}; valid fields: "
-                             f"{', '.join(sorted(fields))}")
-    kwargs = dict(PRESETS[size.lower()], max_seq_len=max_seq_len)
-    if vocab_size is not None:
-        kwargs["vocab_size"] = vocab_size
-    return ModelConfig(**{**kwargs, **overrides})
+def model_config(
+  size: str, vocab_size: int | None = None, max_seq_len: int = 2048, **overrides
+) -> ModelConfig:
+  """The ``ModelConfig`` of a preset in ``PRESETS``; ``overrides`` replace any config field."""
+  if size.lower() not in PRESETS:
+    raise ValueError(f"unknown model size {size!r}; valid sizes: {', '.join(PRESETS)}")
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  for name in overrides:
+    if name not in fields:
+      raise ValueError(
+        f"unknown ModelConfig field {name!r}; valid fields: {', '.join(sorted(fields))}"
+      )
+  kwargs = dict(PRESETS[size.lower()], max_seq_len=max_seq_len)
+  if vocab_size is not None:
+    kwargs["vocab_size"] = vocab_size
+  return ModelConfig(**{**kwargs, **overrides})
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (half-split "rotate_half" layout), computed in fp32.
+  """Rotary position embedding (half-split "rotate_half" layout), computed in fp32.
 
-    x: [..., T, heads, head_dim]; positions: [T] or [B, T]. Channel pair (i, i + head_dim/2) is
-    rotated by angle ``position * theta^(-2i / head_dim)``.
-    """
-    half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = (positions.astype(jnp.float32)[..., None] * freqs)[..., None, :]
-    sin, cos = jnp.sin(angles), jnp.cos(angles)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  x: [..., T, heads, head_dim]; positions: [T] or [B, T]. Channel pair (i, i + head_dim/2) is
+  rotated by angle ``position * theta^(-2i / head_dim)``.
+  """
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = (positions.astype(jnp.float32)[..., None] * freqs)[..., None, :]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def _rms_norm(config: ModelConfig, name: str) -> nn.RMSNorm:
-    return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.dtype,
-                      param_dtype=config.param_dtype, name=name)
+  return nn.RMSNorm(
+    epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, name=name
+  )
 
 
 def _dense(config: ModelConfig, features: int, std: float, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
-                    kernel_init=nn.initializers.normal(std), name=name)
+  return nn.Dense(
+    features,
+    use_bias=False,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    kernel_init=nn.initializers.normal(std),
+    name=name,
+  )
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with QK-norm (RMSNorm over head_dim) and RoPE."""
+  """Causal multi-head attention with QK-norm (RMSNorm over head_dim) and RoPE."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        b, t, _ = x.shape
-        out_std = _INIT_STD / math.sqrt(2 * cfg.num_layers)
-        heads = (b, t, cfg.num_heads, cfg.head_dim)
-        q = _dense(cfg, cfg.num_heads * cfg.head_dim, _INIT_STD, "q")(x).reshape(heads)
-        k = _dense(cfg, cfg.num_heads * cfg.head_dim, _INIT_STD, "k")(x).reshape(heads)
-        v = _dense(cfg, cfg.num_heads * cfg.head_dim, _INIT_STD, "v")(x).reshape(heads)
-        positions = jnp.arange(t)
-        q = apply_rope(_rms_norm(cfg, "q_norm")(q), positions, cfg.rope_theta)
-        k = apply_rope(_rms_norm(cfg, "k_norm")(k), positions, cfg.rope_theta)
-        # Logits and softmax are fp32 inside dot_product_attention for bf16 inputs.
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return _dense(cfg, cfg.d_model, out_std, "o")(y.reshape(b, t, -1))
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    b, t, _ = x.shape
+    out_std = _INIT_STD / math.sqrt(2 * cfg.num_layers)
+    heads = (b, t, cfg.num_heads, cfg.head_dim)
+    q = _dense(cfg, cfg.num_heads * cfg.head_dim, _INIT_STD, "q")(x).reshape(heads)
+    k = _dense(cfg, cfg.num_heads * cfg.head_dim, _INIT_STD, "k")(x).reshape(heads)
+    v = _dense(cfg, cfg.num_heads * cfg.head_dim, _INIT_STD, "v")(x).reshape(heads)
+    positions = jnp.arange(t)
+    q = apply_rope(_rms_norm(cfg, "q_norm")(q), positions, cfg.rope_theta)
+    k = apply_rope(_rms_norm(cfg, "k_norm")(k), positions, cfg.rope_theta)
+    # Logits and softmax are fp32 inside dot_product_attention for bf16 inputs.
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return _dense(cfg, cfg.d_model, out_std, "o")(y.reshape(b, t, -1))
 
 
 class Mlp(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        out_std = _INIT_STD / math.sqrt(2 * cfg.num_layers)
-        gate = _dense(cfg, cfg.mlp_hidden, _INIT_STD, "gate")(x)
-        up = _dense(cfg, cfg.mlp_hidden, out_std, "up")(x)
-        return _dense(cfg, cfg.d_model, out_std, "down")(nn.silu(gate) * up)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    out_std = _INIT_STD / math.sqrt(2 * cfg.num_layers)
+    gate = _dense(cfg, cfg.mlp_hidden, _INIT_STD, "gate")(x)
+    up = _dense(cfg, cfg.mlp_hidden, out_std, "up")(x)
+    return _dense(cfg, cfg.d_model, out_std, "down")(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; ``(x, None) -> (x, None)`` so that it can be ``nn.scan``-ned."""
+  """Pre-norm residual block; ``(x, None) -> (x, None)`` so that it can be ``nn.scan``-ned."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
-        x = x + Attention(self.config, name="attn")(_rms_norm(self.config, "attn_norm")(x))
-        x = x + Mlp(self.config, name="mlp")(_rms_norm(self.config, "mlp_norm")(x))
-        return x, None
+  @nn.compact
+  def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+    x = x + Attention(self.config, name="attn")(_rms_norm(self.config, "attn_norm")(x))
+    x = x + Mlp(self.config, name="mlp")(_rms_norm(self.config, "mlp_norm")(x))
+    return x, None
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM: int32 tokens [B, T] -> fp32 logits [B, T, vocab]; T <= max_seq_len."""
+  """Decoder-only LM: int32 tokens [B, T] -> fp32 logits [B, T, vocab]; T <= max_seq_len."""
 
-    config: ModelConfig
+  config: ModelConfig
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        cfg = self.config
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq_len], got shape {tokens.shape}")
-        if tokens.shape[1] > cfg.max_seq_len:
-            raise ValueError(
-                f"sequence length {tokens.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
-        x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     embedding_init=nn.initializers.normal(1.0), name="embedding")(tokens)
-        block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
-        if cfg.scan_layers:
-            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             length=cfg.num_layers)
-            x, _ = layers(cfg, name="layers")(x, None)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, None)
-        x = _rms_norm(cfg, "final_norm")(x)
-        head = nn.Dense(
-            cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=nn.initializers.truncated_normal(cfg.d_model ** -0.5, lower=-3.0,
-                                                         upper=3.0),
-            dot_general=functools.partial(jax.lax.dot_general,
-                                          preferred_element_type=jnp.float32),
-            name="head")
-        return head(x).astype(jnp.float32)
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq_len], got shape {tokens.shape}")
+    if tokens.shape[1] > cfg.max_seq_len:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
+    x = nn.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      embedding_init=nn.initializers.normal(1.0),
+      name="embedding",
+    )(tokens)
+    block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
+    if cfg.scan_layers:
+      layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.num_layers
+      )
+      x, _ = layers(cfg, name="layers")(x, None)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, name=f"layers_{i}")(x, None)
+    x = _rms_norm(cfg, "final_norm")(x)
+    head = nn.Dense(
+      cfg.vocab_size,
+      use_bias=False,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      kernel_init=nn.initializers.truncated_normal(cfg.d_model**-0.5, lower=-3.0, upper=3.0),
+      dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
+      name="head",
+    )
+    return head(x).astype(jnp.float32)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 1) -> dict:
-    """Fresh parameters (in ``config.param_dtype``); ``seq_len`` is the dummy input length only."""
-    return Transformer(config).init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  """Fresh parameters (in ``config.param_dtype``); ``seq_len`` is the dummy input length only."""
+  return Transformer(config).init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
 
 def param_count(config: ModelConfig) -> int:
-    """Number of parameters, from shapes only (``jax.eval_shape``; nothing is allocated)."""
-    # The scanned stack traces one block instead of L and holds the same number of parameters.
-    config = dataclasses.replace(config, scan_layers=True, remat=False)
-    shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(shapes))
+  """Number of parameters, from shapes only (``jax.eval_shape``; nothing is allocated)."""
+  # The scanned stack traces one block instead of L and holds the same number of parameters.
+  config = dataclasses.replace(config, scan_layers=True, remat=False)
+  shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(shapes))
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), the PaLM / Chinchilla accounting for MFU.
+  """Training FLOPs per token (forward + backward), the PaLM / Chinchilla accounting for MFU.
 
-    ``6 * (N - vocab * d_model) + 12 * num_layers * num_heads * head_dim * seq_len``: 6 FLOPs per
-    parameter per token for every matmul weight (all parameters except the embedding lookup table,
-    head included; the norm gains are negligible), plus QK^T and attention-times-V (2 * 2 * T * h
-    forward per layer, times 3 for the backward), counted without the causal halving.
-    """
-    non_embedding = param_count(config) - config.vocab_size * config.d_model
-    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
-    return float(6 * non_embedding + attention)
+  ``6 * (N - vocab * d_model) + 12 * num_layers * num_heads * head_dim * seq_len``: 6 FLOPs per
+  parameter per token for every matmul weight (all parameters except the embedding lookup table,
+  head included; the norm gains are negligible), plus QK^T and attention-times-V (2 * 2 * T * h
+  forward per layer, times 3 for the backward), counted without the causal halving.
+  """
+  non_embedding = param_count(config) - config.vocab_size * config.d_model
+  attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+  return float(6 * non_embedding + attention)

@@ -29,11 +29,11 @@ from optax.contrib import MuonDimensionNumbers
 CLASSIC_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # The paper's per-iteration triples (MuLoCo v2/v3 code, five iterations).
 MULOCO_COEFFICIENTS = (
-    (4.0848, -6.8946, 2.9270),
-    (3.9505, -6.3029, 2.6377),
-    (3.7418, -5.5913, 2.3037),
-    (2.8769, -3.1427, 1.2046),
-    (2.8366, -3.0525, 1.2012),
+  (4.0848, -6.8946, 2.9270),
+  (3.9505, -6.3029, 2.6377),
+  (3.7418, -5.5913, 2.3037),
+  (2.8769, -3.1427, 1.2046),
+  (2.8366, -3.0525, 1.2012),
 )
 SCALE_RULES = ("spectral", "moonlight", "none")
 
@@ -56,22 +56,26 @@ def newton_schulz_coefficients(schedule: Schedule = "classic", steps: int = 5) -
     if schedule == "muloco":
       if steps != len(MULOCO_COEFFICIENTS):
         raise ValueError(
-            f'The "muloco" Newton-Schulz schedule has {len(MULOCO_COEFFICIENTS)} '
-            f"steps; got steps={steps}.")
+          f'The "muloco" Newton-Schulz schedule has {len(MULOCO_COEFFICIENTS)} '
+          f"steps; got steps={steps}."
+        )
       return MULOCO_COEFFICIENTS
     raise ValueError(
-        f'Unknown Newton-Schulz schedule {schedule!r}: use "classic", "muloco" '
-        "or a sequence of (a, b, c) triples.")
+      f'Unknown Newton-Schulz schedule {schedule!r}: use "classic", "muloco" '
+      "or a sequence of (a, b, c) triples."
+    )
   try:
     triples = tuple(tuple(float(c) for c in t) for t in schedule)
   except (TypeError, ValueError) as e:
     raise ValueError(
-        f"Malformed Newton-Schulz schedule {schedule!r}: expected a sequence of "
-        "(a, b, c) triples of numbers.") from e
+      f"Malformed Newton-Schulz schedule {schedule!r}: expected a sequence of "
+      "(a, b, c) triples of numbers."
+    ) from e
   if not triples or any(len(t) != 3 for t in triples):
     raise ValueError(
-        f"Malformed Newton-Schulz schedule {schedule!r}: expected a non-empty "
-        "sequence of (a, b, c) triples.")
+      f"Malformed Newton-Schulz schedule {schedule!r}: expected a non-empty "
+      "sequence of (a, b, c) triples."
+    )
   if not all(math.isfinite(c) for t in triples for c in t):
     raise ValueError(f"Newton-Schulz schedule {schedule!r} has non-finite coefficients.")
   return triples
@@ -108,7 +112,8 @@ def _newton_schulz(x, coefficients: Coefficients, compute_dtype, eps: float):
     # products one matrix at a time, so on CPU the batch is a loop (lax.map);
     # elsewhere it is one batched computation.
     x = lax.platform_dependent(
-        matrices, cpu=lambda m: lax.map(iterate, m), default=iterate).reshape(x.shape)
+      matrices, cpu=lambda m: lax.map(iterate, m), default=iterate
+    ).reshape(x.shape)
   else:  # as a 2-D matrix: with a unit batch axis XLA:CPU is 15-25% slower
     x = iterate(matrices[0]).reshape(x.shape)
   if tall:
@@ -116,8 +121,13 @@ def _newton_schulz(x, coefficients: Coefficients, compute_dtype, eps: float):
   return x.astype(in_dtype)
 
 
-def orthogonalize(x: jax.Array, schedule: Schedule = "classic", steps: int = 5,
-                  compute_dtype: Any = None, eps: float = 1e-7) -> jax.Array:
+def orthogonalize(
+  x: jax.Array,
+  schedule: Schedule = "classic",
+  steps: int = 5,
+  compute_dtype: Any = None,
+  eps: float = 1e-7,
+) -> jax.Array:
   """Approximately orthogonalizes the matrices in the last two axes of `x`.
 
   Newton-Schulz: X_0 = G / (||G||_F + eps) and, for each (a, b, c) of the
@@ -172,8 +182,9 @@ def _axes(x, dim_numbers: MuonDimensionNumbers):
   output = tuple(a % x.ndim for a in as_tuple(dim_numbers.output_axis))
   if set(reduction) & set(output) or not reduction or not output:
     raise ValueError(
-        f"Muon dimension numbers {dim_numbers} are invalid for shape {x.shape}: "
-        "reduction and output axes must be non-empty and disjoint.")
+      f"Muon dimension numbers {dim_numbers} are invalid for shape {x.shape}: "
+      "reduction and output axes must be non-empty and disjoint."
+    )
   batch = tuple(a for a in range(x.ndim) if a not in reduction + output)
   return batch, reduction, output
 
@@ -217,6 +228,7 @@ def shape_scale(fan_in: int, fan_out: int, rule: str) -> float:
 
 class ScaleByMuonState(NamedTuple):
   """Momentum buffer of `scale_by_muon` (same tree as the params)."""
+
   momentum: optax.Updates
 
 
@@ -237,20 +249,21 @@ def _check_matrix_leaf(path, leaf):
     raise ValueError(f"Muon needs floating-point parameters; {name} has dtype {leaf.dtype}.")
   if leaf.ndim < 2:
     raise ValueError(
-        f"Muon needs parameters of rank >= 2; {name} has shape {leaf.shape}. Send "
-        "scalars and vectors to AdamW (see `muon_labels`).")
+      f"Muon needs parameters of rank >= 2; {name} has shape {leaf.shape}. Send "
+      "scalars and vectors to AdamW (see `muon_labels`)."
+    )
 
 
 def scale_by_muon(
-    beta: float = 0.95,
-    nesterov: bool = True,
-    momentum_dtype: Any = None,
-    schedule: Schedule = "classic",
-    ns_steps: int = 5,
-    compute_dtype: Any = None,
-    scale: str = "spectral",
-    dimension_numbers: Any = None,
-    eps: float = 1e-7,
+  beta: float = 0.95,
+  nesterov: bool = True,
+  momentum_dtype: Any = None,
+  schedule: Schedule = "classic",
+  ns_steps: int = 5,
+  compute_dtype: Any = None,
+  scale: str = "spectral",
+  dimension_numbers: Any = None,
+  eps: float = 1e-7,
 ) -> optax.GradientTransformation:
   """Muon's direction: momentum, Newton-Schulz, shape scale.
 
@@ -289,7 +302,9 @@ def scale_by_muon(
     momentum = optax.tree.update_moment(updates, state.momentum, beta, 1)
     direction = optax.tree.update_moment(updates, momentum, beta, 1) if nesterov else momentum
     momentum = optax.tree.cast(momentum, momentum_dtype) if momentum_dtype else momentum
-    dims_tree = _resolve_dimension_numbers(dimension_numbers, params if params is not None else updates)
+    dims_tree = _resolve_dimension_numbers(
+      dimension_numbers, params if params is not None else updates
+    )
     leaves, treedef = jax.tree.flatten(direction)
     dims = treedef.flatten_up_to(dims_tree)
 
@@ -330,28 +345,29 @@ def _check_float_params(params):
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
       raise ValueError(
-          f"muon needs floating-point parameters; {jax.tree_util.keystr(path)} "
-          f"has dtype {jnp.asarray(leaf).dtype}.")
+        f"muon needs floating-point parameters; {jax.tree_util.keystr(path)} "
+        f"has dtype {jnp.asarray(leaf).dtype}."
+      )
 
 
 def muon(
-    learning_rate: optax.ScalarOrSchedule,
-    beta: float = 0.95,
-    nesterov: bool = True,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.99,
-    adam_eps: float = 1e-8,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    labels: Callable[[Any], Any] = muon_labels,
-    momentum_dtype: Any = None,
-    schedule: Schedule = "classic",
-    ns_steps: int = 5,
-    compute_dtype: Any = None,
-    scale: str = "spectral",
-    dimension_numbers: Any = None,
-    eps: float = 1e-7,
+  learning_rate: optax.ScalarOrSchedule,
+  beta: float = 0.95,
+  nesterov: bool = True,
+  weight_decay: float = 0.0,
+  weight_decay_mask: Any = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
+  adam_b1: float = 0.9,
+  adam_b2: float = 0.99,
+  adam_eps: float = 1e-8,
+  adam_learning_rate: optax.ScalarOrSchedule | None = None,
+  labels: Callable[[Any], Any] = muon_labels,
+  momentum_dtype: Any = None,
+  schedule: Schedule = "classic",
+  ns_steps: int = 5,
+  compute_dtype: Any = None,
+  scale: str = "spectral",
+  dimension_numbers: Any = None,
+  eps: float = 1e-7,
 ) -> optax.GradientTransformation:
   """Muon on hidden matrices, AdamW on everything else (arXiv 2505.23725).
 
@@ -365,16 +381,24 @@ def muon(
   """
   adam_learning_rate = learning_rate if adam_learning_rate is None else adam_learning_rate
   muon_part = optax.chain(
-      scale_by_muon(beta=beta, nesterov=nesterov, momentum_dtype=momentum_dtype,
-                    schedule=schedule, ns_steps=ns_steps, compute_dtype=compute_dtype,
-                    scale=scale, dimension_numbers=dimension_numbers, eps=eps),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_muon(
+      beta=beta,
+      nesterov=nesterov,
+      momentum_dtype=momentum_dtype,
+      schedule=schedule,
+      ns_steps=ns_steps,
+      compute_dtype=compute_dtype,
+      scale=scale,
+      dimension_numbers=dimension_numbers,
+      eps=eps,
+    ),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
   adam_part = optax.chain(
-      optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(adam_learning_rate),
+    optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(adam_learning_rate),
   )
   inner = optax.multi_transform({"muon": muon_part, "adam": adam_part}, labels)
 

@@ -4,6 +4,7 @@ The byte tokenizer and the BPE of `train_bpe` round-trip text exactly
 (`decode(encode(s)) == s`): the BPE uses identity normalization, no dummy
 prefix and byte fallback, so no character is lost or rewritten.
 """
+
 import hashlib
 import io
 import os
@@ -67,29 +68,32 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def train_bpe(
-    sentences: Iterable[str], vocab_size: int, out_file: io.IOBase,
-    max_sentences: int = 2_000_000) -> None:
+  sentences: Iterable[str], vocab_size: int, out_file: io.IOBase, max_sentences: int = 2_000_000
+) -> None:
   """Trains a lossless SentencePiece BPE on `sentences`; writes the model bytes.
 
   Ids: 0 = <unk> (unused thanks to byte fallback), 1 = EOS, then the 256 byte
   pieces and the merges. Deterministic (no input shuffling).
   """
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences),
-      model_writer=out_file,
-      model_type="bpe",
-      vocab_size=vocab_size,
-      character_coverage=1.0,
-      byte_fallback=True,
-      normalization_rule_name="identity",
-      remove_extra_whitespaces=False,
-      add_dummy_prefix=False,
-      allow_whitespace_only_pieces=True,
-      split_digits=True,
-      unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
-      input_sentence_size=max_sentences,
-      shuffle_input_sentence=False,
-      max_sentence_length=1 << 16,
-      num_threads=2,
-      minloglevel=2,
+    sentence_iterator=iter(sentences),
+    model_writer=out_file,
+    model_type="bpe",
+    vocab_size=vocab_size,
+    character_coverage=1.0,
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    unk_id=0,
+    eos_id=1,
+    bos_id=-1,
+    pad_id=-1,
+    input_sentence_size=max_sentences,
+    shuffle_input_sentence=False,
+    max_sentence_length=1 << 16,
+    num_threads=2,
+    minloglevel=2,
   )

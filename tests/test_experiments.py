@@ -3,6 +3,7 @@
 All slow: `pytest -m slow tests/test_experiments.py`.  Each script runs in a subprocess with
 --smoke into a temporary directory; the tests check the result files, tables and plots.
 """
+
 import json
 import os
 import subprocess
@@ -19,8 +20,14 @@ def _run_script(name, tmp_path, *args, timeout=1800):
   env.pop("XLA_FLAGS", None)  # one CPU device, as the sweeps run
   env["JAX_PLATFORMS"] = "cpu"
   out, runs = tmp_path / "results", tmp_path / "runs"
-  cmd = [sys.executable, os.path.join(EXPERIMENTS, name), "--smoke", f"--out={out}",
-         f"--runs={runs}", *args]
+  cmd = [
+    sys.executable,
+    os.path.join(EXPERIMENTS, name),
+    "--smoke",
+    f"--out={out}",
+    f"--runs={runs}",
+    *args,
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return out, proc
@@ -42,8 +49,14 @@ def test_k_sweep_smoke(tmp_path):
   out, proc = _run_script("k_sweep.py", tmp_path, "--ks=1,4", "--curve_k=4")
   rows = _check_outputs(out / "k_sweep", ["loss_vs_k.png", "loss_curves_k4.png"])
   cells = {(r["method"], r["K"]) for r in rows}
-  assert cells == {("dp_adamw", 0), ("dp_muon", 0), ("diloco", 1), ("diloco", 4),
-                   ("muloco", 1), ("muloco", 4)}
+  assert cells == {
+    ("dp_adamw", 0),
+    ("dp_muon", 0),
+    ("diloco", 1),
+    ("diloco", 4),
+    ("muloco", 1),
+    ("muloco", 4),
+  }
   assert all(r["final_eval_loss"] > 0 for r in rows)
   assert len(list((out / "k_sweep" / "cells").glob("*.json"))) == len(rows)
   table = (out / "k_sweep" / "table.md").read_text()
@@ -56,13 +69,18 @@ def test_k_sweep_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_compression_sweep_smoke(tmp_path):
-  out, _ = _run_script("compression_sweep.py", tmp_path,
-                       "--compressors=statistical-2bit,linear-2bit")
+  out, _ = _run_script(
+    "compression_sweep.py", tmp_path, "--compressors=statistical-2bit,linear-2bit"
+  )
   rows = _check_outputs(out / "compression", ["loss_vs_bits.png"])
   cells = {(r["method"], r["compressor"], r["error_feedback"]) for r in rows}
   expected = {(m, "none", None) for m in ("muloco", "diloco")}
-  expected |= {(m, c, ef) for m in ("muloco", "diloco")
-               for c in ("statistical-2bit", "linear-2bit") for ef in (True, False)}
+  expected |= {
+    (m, c, ef)
+    for m in ("muloco", "diloco")
+    for c in ("statistical-2bit", "linear-2bit")
+    for ef in (True, False)
+  }
   assert cells == expected
   by = {(r["method"], r["compressor"], r["error_feedback"]): r for r in rows}
   for m in ("muloco", "diloco"):
@@ -76,7 +94,8 @@ def test_directional_correctness_smoke(tmp_path):
   out, _ = _run_script("directional_correctness.py", tmp_path, "--ks=2,4")
   rows = _check_outputs(out / "directional", ["cosine_vs_k.png", "cosine_per_layer.png"])
   assert {(r["optimizer"], r["K"]) for r in rows} == {
-      (o, k) for o in ("adamw", "muon") for k in (2, 4)}
+    (o, k) for o in ("adamw", "muon") for k in (2, 4)
+  }
   assert all(-1.0 <= r["mean_matrix_cosine"] <= 1.0 for r in rows)
 
 
@@ -84,9 +103,15 @@ def _python3_kernel(tmp_path):
   """A kernel spec for this interpreter, so a fresh venv needs no `ipykernel install`."""
   spec_dir = tmp_path / "kernels" / "python3"
   spec_dir.mkdir(parents=True)
-  (spec_dir / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "Python 3", "language": "python"}))
+  (spec_dir / "kernel.json").write_text(
+    json.dumps(
+      {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3",
+        "language": "python",
+      }
+    )
+  )
   return str(tmp_path)
 
 
@@ -104,8 +129,9 @@ def test_notebook_executes(tmp_path, monkeypatch):
   monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend makes the PNG
   # JUPYTER_PATH is searched first: "python3" is this interpreter even in a fresh venv.
   monkeypatch.setenv("JUPYTER_PATH", _python3_kernel(tmp_path))
-  client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                                   resources={"metadata": {"path": str(tmp_path)}})
+  client = nbclient.NotebookClient(
+    nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+  )
   client.execute()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]

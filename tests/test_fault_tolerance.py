@@ -1,5 +1,5 @@
 """Fault tolerance: preemption by SIGTERM, lost workers, bad settings caught before compiling."""
-import json
+
 import os
 import signal
 import subprocess
@@ -14,21 +14,36 @@ from muloco_jax import metrics as metrics_lib
 from muloco_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["--config.model.size=tiny", "--config.data.tokenizer=byte", "--config.data.seq_len=32",
-             "--config.train.num_steps=16", "--config.train.batch_size=8",
-             "--config.train.log_every=1", "--config.train.eval_every=8",
-             "--config.train.eval_steps=2", "--config.train.checkpoint_every=100",
-             "--config.optimizer.warmup_steps=2", "--config.diloco.num_workers=2",
-             "--config.diloco.sync_every=4"]
+OVERRIDES = [
+  "--config.model.size=tiny",
+  "--config.data.tokenizer=byte",
+  "--config.data.seq_len=32",
+  "--config.train.num_steps=16",
+  "--config.train.batch_size=8",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=8",
+  "--config.train.eval_steps=2",
+  "--config.train.checkpoint_every=100",
+  "--config.optimizer.warmup_steps=2",
+  "--config.diloco.num_workers=2",
+  "--config.diloco.sync_every=4",
+]
 
 
 def _launch(workdir, data_dir):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  command = [sys.executable, "-m", "muloco_jax.main", "--config=configs/quickstart.py",
-             f"--workdir={workdir}", f"--config.data.dir={data_dir}", *OVERRIDES]
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  command = [
+    sys.executable,
+    "-m",
+    "muloco_jax.main",
+    "--config=configs/quickstart.py",
+    f"--workdir={workdir}",
+    f"--config.data.dir={data_dir}",
+    *OVERRIDES,
+  ]
+  return subprocess.Popen(
+    command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def _finish(process, timeout=300):
@@ -42,8 +57,7 @@ def _finish(process, timeout=300):
 
 
 def _deterministic(records):
-  return [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_sec")}
-          for r in records]
+  return [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_sec")} for r in records]
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
@@ -66,8 +80,9 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
 
   output = _finish(_launch(workdir, data_dir))
   assert "Finished 16 steps" in output
-  assert (_deterministic(metrics_lib.read_metrics(str(workdir)))
-          == _deterministic(metrics_lib.read_metrics(str(tmp_path / "reference"))))
+  assert _deterministic(metrics_lib.read_metrics(str(workdir))) == _deterministic(
+    metrics_lib.read_metrics(str(tmp_path / "reference"))
+  )
 
 
 def _tiny_diloco_config(tmp_path):
@@ -76,8 +91,15 @@ def _tiny_diloco_config(tmp_path):
   c.data.dir = str(tmp_path / "data")
   c.data.tokenizer = "byte"
   c.data.seq_len = 16
-  c.train.update(num_steps=10, batch_size=8, log_every=2, eval_every=10, eval_steps=1,
-                 checkpoint_every=10, progress_bar=False)
+  c.train.update(
+    num_steps=10,
+    batch_size=8,
+    log_every=2,
+    eval_every=10,
+    eval_steps=1,
+    checkpoint_every=10,
+    progress_bar=False,
+  )
   c.optimizer.warmup_steps = 2
   c.diloco.update(num_workers=4, sync_every=2, drop_workers="1:3-7")
   return c
@@ -96,14 +118,17 @@ def test_lost_workers_are_left_out_and_rejoin(tmp_path):
     assert r["worker_opt_state_reset"] == [False, lost, False, False]
 
 
-@pytest.mark.parametrize("setting, value", [
+@pytest.mark.parametrize(
+  "setting, value",
+  [
     ("compression.bits", 3),
     ("compression.kind", "zip"),
-    ("diloco.num_fragments", 3),        # the tiny model has 2 layers
-    ("diloco.drop_workers", "7:1-2"),   # only 4 workers
+    ("diloco.num_fragments", 3),  # the tiny model has 2 layers
+    ("diloco.drop_workers", "7:1-2"),  # only 4 workers
     ("diloco.sync_every", 0),
     ("optimizer.name", "lion"),
-])
+  ],
+)
 def test_bad_settings_name_themselves(setting, value, tmp_path):
   config = _tiny_diloco_config(tmp_path)
   section, field = setting.split(".")

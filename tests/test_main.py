@@ -1,4 +1,5 @@
 """The absl launcher end to end, in subprocesses: `python -m muloco_jax.main`."""
+
 import os
 import re
 import subprocess
@@ -11,28 +12,47 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _launch(tmp_path, *overrides, devices=2):
-  env = dict(os.environ, MULOCO_DATA_DIR=str(tmp_path / "data"), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  command = [sys.executable, "-m", "muloco_jax.main", "--config=configs/quickstart.py",
-             f"--workdir={tmp_path / 'workdir'}", *overrides]
+  env = dict(
+    os.environ,
+    MULOCO_DATA_DIR=str(tmp_path / "data"),
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
+  command = [
+    sys.executable,
+    "-m",
+    "muloco_jax.main",
+    "--config=configs/quickstart.py",
+    f"--workdir={tmp_path / 'workdir'}",
+    *overrides,
+  ]
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
   """quickstart.py (MuLoCo), shrunk: K=2 workers on 2 devices, H=4, 8 steps, byte tokens."""
   result = _launch(
-      tmp_path, "--config.train.num_steps=8", "--config.train.batch_size=8",
-      "--config.data.seq_len=32", "--config.data.tokenizer=byte",
-      "--config.optimizer.warmup_steps=2", "--config.diloco.num_workers=2",
-      "--config.diloco.sync_every=4", "--config.train.log_every=2",
-      "--config.train.eval_every=4", "--config.train.eval_steps=2",
-      "--config.train.checkpoint_every=4")
+    tmp_path,
+    "--config.train.num_steps=8",
+    "--config.train.batch_size=8",
+    "--config.data.seq_len=32",
+    "--config.data.tokenizer=byte",
+    "--config.optimizer.warmup_steps=2",
+    "--config.diloco.num_workers=2",
+    "--config.diloco.sync_every=4",
+    "--config.train.log_every=2",
+    "--config.train.eval_every=4",
+    "--config.train.eval_steps=2",
+    "--config.train.checkpoint_every=4",
+  )
   assert result.returncode == 0, result.stderr[-5000:]
   workdir = str(tmp_path / "workdir")
   summary = result.stdout.strip().splitlines()[-1]
   assert re.fullmatch(
-      rf"Finished 8 steps in {re.escape(workdir)}: train_loss {NUMBER}, eval_loss {NUMBER}, "
-      rf"eval_perplexity {NUMBER}, tokens_per_sec {NUMBER}", summary), summary
+    rf"Finished 8 steps in {re.escape(workdir)}: train_loss {NUMBER}, eval_loss {NUMBER}, "
+    rf"eval_perplexity {NUMBER}, tokens_per_sec {NUMBER}",
+    summary,
+  ), summary
   records = metrics_lib.read_metrics(workdir)
   assert [r["step"] for r in records] == [2, 4, 6, 8]
   assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]

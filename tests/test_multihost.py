@@ -1,4 +1,5 @@
 """The launcher on two JAX processes (localhost, gloo CPU collectives) equals one process."""
+
 import os
 import socket
 import subprocess
@@ -10,11 +11,18 @@ import pytest
 from muloco_jax import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["--config.data.tokenizer=byte", "--config.data.seq_len=32",
-             "--config.train.num_steps=20", "--config.train.batch_size=8",
-             "--config.train.log_every=5", "--config.train.eval_every=10",
-             "--config.train.eval_steps=2", "--config.train.checkpoint_every=10",
-             "--config.optimizer.warmup_steps=2", "--config.diloco.sync_every=5"]
+OVERRIDES = [
+  "--config.data.tokenizer=byte",
+  "--config.data.seq_len=32",
+  "--config.train.num_steps=20",
+  "--config.train.batch_size=8",
+  "--config.train.log_every=5",
+  "--config.train.eval_every=10",
+  "--config.train.eval_steps=2",
+  "--config.train.checkpoint_every=10",
+  "--config.optimizer.warmup_steps=2",
+  "--config.diloco.sync_every=5",
+]
 
 
 def _free_port():
@@ -24,12 +32,22 @@ def _free_port():
 
 
 def _start(workdir, data_dir, devices, *flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  command = [sys.executable, "-m", "muloco_jax.main", "--config=configs/quickstart.py",
-             f"--workdir={workdir}", f"--config.data.dir={data_dir}", *OVERRIDES, *flags]
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
+  command = [
+    sys.executable,
+    "-m",
+    "muloco_jax.main",
+    "--config=configs/quickstart.py",
+    f"--workdir={workdir}",
+    f"--config.data.dir={data_dir}",
+    *OVERRIDES,
+    *flags,
+  ]
+  return subprocess.Popen(
+    command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def _wait(processes, timeout=400):
@@ -51,8 +69,19 @@ def test_two_processes_match_one(tmp_path):
   data_dir = tmp_path / "data"
   _wait([_start(tmp_path / "single", data_dir, 4)])  # builds the dataset too
   coordinator = f"localhost:{_free_port()}"
-  _wait([_start(tmp_path / "multi", data_dir, 2, f"--coordinator_address={coordinator}",
-                "--num_processes=2", f"--process_id={i}") for i in range(2)])
+  _wait(
+    [
+      _start(
+        tmp_path / "multi",
+        data_dir,
+        2,
+        f"--coordinator_address={coordinator}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      )
+      for i in range(2)
+    ]
+  )
   single = metrics_lib.read_metrics(str(tmp_path / "single"))
   multi = metrics_lib.read_metrics(str(tmp_path / "multi"))
   assert [r["step"] for r in multi] == [r["step"] for r in single]

@@ -1,4 +1,5 @@
 """Tests for Muon (muloco_jax.optim): Newton-Schulz, scale_by_muon and the full optimizer."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +57,9 @@ def test_tall_is_transpose_of_wide_and_stacked_equals_loop():
   batched = muloco_jax.orthogonalize(x, "muloco")
   for i in range(3):
     for j in range(2):
-      np.testing.assert_allclose(batched[i, j], muloco_jax.orthogonalize(x[i, j], "muloco"), atol=1e-5)
+      np.testing.assert_allclose(
+        batched[i, j], muloco_jax.orthogonalize(x[i, j], "muloco"), atol=1e-5
+      )
   tall = muloco_jax.orthogonalize(jnp.swapaxes(x, -1, -2), "muloco")
   np.testing.assert_allclose(jnp.swapaxes(tall, -1, -2), batched, atol=1e-6)
 
@@ -99,20 +102,20 @@ def test_explicit_schedule_and_errors():
 def _params():
   k = jax.random.split(jax.random.key(6), 5)
   return {
-      "embedding": jax.random.normal(k[0], (12, 6)),
-      "layers": {"mlp": {"kernel": jax.random.normal(k[1], (2, 6, 10))}, "norm": jnp.ones(6)},
-      "proj": {"kernel": jax.random.normal(k[2], (10, 6))},
-      "head": {"kernel": jax.random.normal(k[3], (6, 12))},
+    "embedding": jax.random.normal(k[0], (12, 6)),
+    "layers": {"mlp": {"kernel": jax.random.normal(k[1], (2, 6, 10))}, "norm": jnp.ones(6)},
+    "proj": {"kernel": jax.random.normal(k[2], (10, 6))},
+    "head": {"kernel": jax.random.normal(k[3], (6, 12))},
   }
 
 
 def test_default_labels():
   labels = muloco_jax.muon_labels(_params())
   assert labels == {
-      "embedding": "adam",
-      "layers": {"mlp": {"kernel": "muon"}, "norm": "adam"},
-      "proj": {"kernel": "muon"},
-      "head": {"kernel": "adam"},
+    "embedding": "adam",
+    "layers": {"mlp": {"kernel": "muon"}, "norm": "adam"},
+    "proj": {"kernel": "muon"},
+    "head": {"kernel": "adam"},
   }
 
 
@@ -166,8 +169,10 @@ def _numpy_muon_reference(params, grads_seq, lr, wd, beta, b1, b2, eps):
 
 def test_two_steps_equal_numpy_float64_reference():
   params = _params()
-  grads_seq = [jax.tree.map(lambda x, s=s: jax.random.normal(jax.random.key(s), x.shape), params)
-               for s in (10, 11)]
+  grads_seq = [
+    jax.tree.map(lambda x, s=s: jax.random.normal(jax.random.key(s), x.shape), params)
+    for s in (10, 11)
+  ]
   lr, wd = 0.05, 0.1
   tx = muloco_jax.muon(lr, beta=0.9, weight_decay=wd)
   state = tx.init(params)
@@ -198,7 +203,9 @@ def test_chain_after_clipping_and_schedule():
 def test_vmap_over_independent_problems():
   params = _params()
   stacked = jax.tree.map(lambda p: jnp.stack([p, 2 * p, -p]), params)
-  grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)), stacked)
+  grads = jax.tree.map(
+    lambda p: jnp.sin(jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)), stacked
+  )
   tx = muloco_jax.muon(0.1, weight_decay=0.01)
   states = jax.vmap(tx.init)(stacked)
   updates, _ = jax.jit(jax.vmap(tx.update))(grads, states, stacked)
@@ -242,9 +249,11 @@ def _mlp_problem():
   teacher = [rng.normal(size=(32, 64)) / np.sqrt(32), rng.normal(size=(64, 16)) / 8]
   labels = jnp.argmax(jnp.tanh(x @ teacher[0]) @ teacher[1], -1)
   r = np.random.default_rng(1)
-  init = {"w1": jnp.asarray(r.normal(size=(32, 128)) / np.sqrt(32), jnp.float32),
-          "w2": jnp.asarray(r.normal(size=(128, 128)) / np.sqrt(128), jnp.float32),
-          "w3": jnp.asarray(r.normal(size=(128, 16)) / np.sqrt(128), jnp.float32)}
+  init = {
+    "w1": jnp.asarray(r.normal(size=(32, 128)) / np.sqrt(32), jnp.float32),
+    "w2": jnp.asarray(r.normal(size=(128, 128)) / np.sqrt(128), jnp.float32),
+    "w3": jnp.asarray(r.normal(size=(128, 16)) / np.sqrt(128), jnp.float32),
+  }
 
   def loss(p):
     logits = jnp.tanh(jnp.tanh(x @ p["w1"]) @ p["w2"]) @ p["w3"]
@@ -258,21 +267,25 @@ def test_muon_beats_tuned_sgd_and_adamw_on_an_mlp():
 
   def final_losses(make_tx, lrs, steps=60):
     """Final loss for each learning rate: one compiled run vmapped over lrs."""
+
     def run(lr):
       tx = make_tx(lr)
+
       def body(carry, _):
         p, s = carry
         u, s = tx.update(jax.grad(loss)(p), s, p)
         return (optax.apply_updates(p, u), s), None
+
       (p, _), _ = jax.lax.scan(body, (init, tx.init(init)), None, length=steps)
       return loss(p)
+
     values = np.asarray(jax.jit(jax.vmap(run))(jnp.asarray(lrs, jnp.float32)))
     return np.where(np.isfinite(values), values, np.inf)
 
   lrs = np.logspace(-2, 1, 7)
   best = {
-      "sgd": final_losses(lambda lr: optax.sgd(lr, momentum=0.9), lrs).min(),
-      "adamw": final_losses(lambda lr: optax.adamw(lr, b2=0.99), lrs).min(),
-      "muon": final_losses(muloco_jax.muon, lrs).min(),
+    "sgd": final_losses(lambda lr: optax.sgd(lr, momentum=0.9), lrs).min(),
+    "adamw": final_losses(lambda lr: optax.adamw(lr, b2=0.99), lrs).min(),
+    "muon": final_losses(muloco_jax.muon, lrs).min(),
   }
   assert best["muon"] < 0.5 * min(best["sgd"], best["adamw"]), best

@@ -1,4 +1,5 @@
 """The README's Python examples run as written."""
+
 import os
 import re
 
@@ -19,6 +20,7 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_readme_example_runs(index, tmp_path, monkeypatch):
   from muloco_jax import data
+
   monkeypatch.setattr(data, "DEFAULT_DIR", str(tmp_path / "data"))
   code = _python_blocks()[index].replace("/tmp/muloco_api_run", str(tmp_path / "run"))
   exec(compile(code, f"README.md[{index}]", "exec"), {})

@@ -13,6 +13,7 @@ logged past the last one.  The rerun of the same config must resume from that
 checkpoint and reproduce the uninterrupted run bit for bit (the lr schedule and
 the data order depend only on the config and the step).
 """
+
 import glob
 import logging
 import math
@@ -31,15 +32,24 @@ from muloco_jax import model as model_lib
 from muloco_jax import train
 
 TIMING = ("step_time", "tokens_per_sec")
-SYNC_KEYS = ("pseudograd_norm", "worker_train_loss", "worker_train_loss_spread",
-             "worker_cosine", "sync_bytes", "comm_bytes_total")
+SYNC_KEYS = (
+  "pseudograd_norm",
+  "worker_train_loss",
+  "worker_train_loss_spread",
+  "worker_cosine",
+  "sync_bytes",
+  "comm_bytes_total",
+)
 BYTE_VOCAB = 257  # 256 bytes + EOS
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   saved = {name: jax.config.values[name] for name in names}
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -79,7 +89,7 @@ def _muloco_config(data_dir):
   """K=4 Muon workers, H=4, 10 steps: syncs at 4, 8 and the final step 10."""
   c = _dp_config(data_dir)
   c.train.num_steps = 10
-  c.train.log_every = 3        # sync steps 4 and 8 are not log steps
+  c.train.log_every = 3  # sync steps 4 and 8 are not log steps
   c.train.eval_every = 5
   c.train.checkpoint_every = 3  # 6 is mid-round
   c.optimizer.name = "muon"
@@ -112,8 +122,9 @@ def _run_and_die_after(monkeypatch, config, workdir, step):
 
 def _records(workdir):
   """metrics.jsonl without the wall-clock fields."""
-  return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in metrics_lib.read_metrics(workdir)]
+  return [
+    {k: v for k, v in r.items() if k not in TIMING} for r in metrics_lib.read_metrics(workdir)
+  ]
 
 
 def _checkpointed_state(workdir, step):
@@ -170,8 +181,9 @@ def test_dp_run_learns_and_logs(dp_run):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "24"]
 
 
-def test_dp_resume_after_preemption_matches_uninterrupted_run(dp_run, data_dir, tmp_path,
-                                                              monkeypatch):
+def test_dp_resume_after_preemption_matches_uninterrupted_run(
+  dp_run, data_dir, tmp_path, monkeypatch
+):
   reference, _ = dp_run
   workdir = str(tmp_path)
   _run_and_die_after(monkeypatch, _dp_config(data_dir), workdir, step=13)
@@ -226,8 +238,9 @@ def test_muloco_logs_sync_metrics_at_sync_steps(muloco_run):
   assert records[10]["eval_loss"] < min(records[5]["eval_loss"], math.log(BYTE_VOCAB) - 1)
 
 
-def test_muloco_resume_mid_round_matches_uninterrupted_run(muloco_run, data_dir, tmp_path,
-                                                           monkeypatch):
+def test_muloco_resume_mid_round_matches_uninterrupted_run(
+  muloco_run, data_dir, tmp_path, monkeypatch
+):
   workdir = str(tmp_path)
   _run_and_die_after(monkeypatch, _muloco_config(data_dir), workdir, step=7)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]  # 6: mid-round
@@ -261,17 +274,23 @@ def _set(config, dotted, value):
   config[section][name] = value
 
 
-@pytest.mark.parametrize("overrides, setting", [
+@pytest.mark.parametrize(
+  "overrides, setting",
+  [
     ({"model.size": "huge"}, "model.size"),
     ({"optimizer.name": "adam"}, "optimizer.name"),
     ({"optimizer.warmup_steps": 24}, "optimizer.warmup_steps"),
     ({"data.seq_len": 4096}, "data.seq_len"),
-    ({"diloco.num_workers": 4, "diloco.data_parallelism": 2, "train.batch_size": 12},
-     "train.batch_size"),
+    (
+      {"diloco.num_workers": 4, "diloco.data_parallelism": 2, "train.batch_size": 12},
+      "train.batch_size",
+    ),
     ({"diloco.num_workers": 4, "diloco.sync_every": 0}, "diloco.sync_every"),
-])
-def test_bad_setting_raises_before_compiling(overrides, setting, data_dir, tmp_path,
-                                             no_compilation):
+  ],
+)
+def test_bad_setting_raises_before_compiling(
+  overrides, setting, data_dir, tmp_path, no_compilation
+):
   config = _dp_config(data_dir)
   for dotted, value in overrides.items():
     _set(config, dotted, value)

@@ -73,7 +73,7 @@ def hidden_matrices(size, dtype):
   config = model_lib.model_config(size, scan_layers=False)
   shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
   labels = optim.muon_labels(shapes)
-  leaves = [s for s, l in zip(jax.tree.leaves(shapes), jax.tree.leaves(labels)) if l == "muon"]
+  leaves = [s for s, lab in zip(jax.tree.leaves(shapes), jax.tree.leaves(labels)) if lab == "muon"]
   keys = jax.random.split(jax.random.key(0), len(leaves))
   return [jax.random.normal(k, s.shape, dtype) for k, s in zip(keys, leaves)]
 
@@ -89,22 +89,36 @@ def matmul_probes(matrices, dtype):
   normal = lambda *shape: jax.random.normal(jax.random.key(next(seeds)), shape, dtype)
   wide = sorted({tuple(sorted(m.shape)) for m in matrices})
   square = jax.jit(lambda a: a @ a)  # also each shape's A A
-  probes = {f"square {n}": (square, (normal(n, n),), 2 * n**3)
-            for n in sorted({512, 1024, 2048} | {m for m, _ in wide})}
+  probes = {
+    f"square {n}": (square, (normal(n, n),), 2 * n**3)
+    for n in sorted({512, 1024, 2048} | {m for m, _ in wide})
+  }
   for m, n in wide:  # the other products of a Newton-Schulz iteration
     x, a = normal(m, n), normal(m, m)
     probes[f"X X^T {m}x{n}"] = (jax.jit(lambda x: x @ x.T), (x,), 2 * m * m * n)
     probes[f"P X {m}x{m} @ {m}x{n}"] = (jax.jit(lambda a, x: a @ x), (a, x), 2 * m * m * n)
   # Every matrix's products at once, in its wide orientation, grouped by shape.
-  groups = [[(normal(*sorted(m.shape)), normal(min(m.shape), min(m.shape)))
-             for m in matrices if tuple(sorted(m.shape)) == s] for s in wide]
+  groups = [
+    [
+      (normal(*sorted(m.shape)), normal(min(m.shape), min(m.shape)))
+      for m in matrices
+      if tuple(sorted(m.shape)) == s
+    ]
+    for s in wide
+  ]
   flops = sum(optim.newton_schulz_flops(m.shape, 1) for m in matrices)
   all_of = f"X X^T, A A, P X of all {len(matrices)}"
   probes[f"{all_of}, separate dots"] = (
-      jax.jit(lambda groups: [_products(x, a) for g in groups for x, a in g]), (groups,), flops)
+    jax.jit(lambda groups: [_products(x, a) for g in groups for x, a in g]),
+    (groups,),
+    flops,
+  )
   stacks = [tuple(jnp.stack(arrays) for arrays in zip(*g)) for g in groups]
   probes[f"{all_of}, batched per shape"] = (
-      jax.jit(lambda stacks: [_products(x, a) for x, a in stacks]), (stacks,), flops)
+    jax.jit(lambda stacks: [_products(x, a) for x, a in stacks]),
+    (stacks,),
+    flops,
+  )
   return [(f"{name} ({dtype.name})", *probe) for name, probe in probes.items()]
 
 
@@ -116,48 +130,71 @@ def main(argv):
   matrices = hidden_matrices(_SIZE.value, dtype)
 
   ours = jax.jit(lambda x: optim.orthogonalize(x, coefficients))
-  theirs = jax.jit(lambda x: optax_muon.orthogonalize_via_newton_schulz(
-      x, jnp.asarray(coefficients), eps=1e-7))
+  theirs = jax.jit(
+    lambda x: optax_muon.orthogonalize_via_newton_schulz(x, jnp.asarray(coefficients), eps=1e-7)
+  )
   rows = []  # (name, flops, ours (fn, args), optax (fn, args))
   for shape in sorted({m.shape for m in matrices}):
     x = next(m for m in matrices if m.shape == shape)
-    rows.append((f"{shape[0]}x{shape[1]}", optim.newton_schulz_flops(shape, steps),
-                 (ours, (x,)), (theirs, (x,))))
+    rows.append(
+      (
+        f"{shape[0]}x{shape[1]}",
+        optim.newton_schulz_flops(shape, steps),
+        (ours, (x,)),
+        (theirs, (x,)),
+      )
+    )
 
   # The whole set as one Muon step: momentum + Newton-Schulz on every matrix.
   grads = {str(i): m for i, m in enumerate(matrices)}
   ours_tx = optim.scale_by_muon(schedule=coefficients, scale="none")
   theirs_tx = optax_muon.scale_by_muon(
-      ns_coeffs=coefficients, eps=1e-7,
-      weight_dimension_numbers=lambda g: jax.tree.map(lambda _: optim.MuonDimensionNumbers(), g))
+    ns_coeffs=coefficients,
+    eps=1e-7,
+    weight_dimension_numbers=lambda g: jax.tree.map(lambda _: optim.MuonDimensionNumbers(), g),
+  )
   step = lambda tx: (jax.jit(lambda g, s: tx.update(g, s, g)[0]), (grads, tx.init(grads)))
-  rows.append((f"{_SIZE.value} step ({len(matrices)} matrices)",
-               sum(optim.newton_schulz_flops(m.shape, steps) for m in matrices),
-               step(ours_tx), step(theirs_tx)))
+  rows.append(
+    (
+      f"{_SIZE.value} step ({len(matrices)} matrices)",
+      sum(optim.newton_schulz_flops(m.shape, steps) for m in matrices),
+      step(ours_tx),
+      step(theirs_tx),
+    )
+  )
 
   # Short calls run back to back, for a tenth of the step's flops or more.
-  probes = [probe for probe_dtype in dict.fromkeys([dtype, jnp.dtype(jnp.float32)])
-            for probe in matmul_probes(matrices, probe_dtype)]
+  probes = [
+    probe
+    for probe_dtype in dict.fromkeys([dtype, jnp.dtype(jnp.float32)])
+    for probe in matmul_probes(matrices, probe_dtype)
+  ]
   span = rows[-1][1] // 10
   runs = lambda flops: -(-span // flops)
   groups = [[(fn, args, runs(flops))] for _, fn, args, flops in probes]
-  groups += [[(*ours_call, runs(flops)), (*theirs_call, runs(flops))]
-             for _, flops, ours_call, theirs_call in rows]
+  groups += [
+    [(*ours_call, runs(flops)), (*theirs_call, runs(flops))]
+    for _, flops, ours_call, theirs_call in rows
+  ]
   times = round_times(groups, _REPEATS.value)
   probe_rates = [flops / np.median(t) for (_, _, _, flops), [t] in zip(probes, times)]
   rate, best = max(zip(probe_rates, (name for name, _, _, _ in probes)))
 
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; dtype {dtype.name}; "
-        f"schedule {_SCHEDULE.value}; {_REPEATS.value} rounds; best matmul rate "
-        f"{rate / 1e9:.1f} GFLOP/s, {best}")
+  print(
+    f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; dtype {dtype.name}; "
+    f"schedule {_SCHEDULE.value}; {_REPEATS.value} rounds; best matmul rate "
+    f"{rate / 1e9:.1f} GFLOP/s, {best}"
+  )
   print()
   print("| matrices | ours (ms) | optax (ms) | optax / ours | floor (ms) | ours / floor |")
   print("|---|---|---|---|---|---|")
-  for (name, flops, _, _), (t_ours, t_theirs) in zip(rows, times[len(probes):]):
+  for (name, flops, _, _), (t_ours, t_theirs) in zip(rows, times[len(probes) :]):
     floor = flops / rate
-    print(f"| {name} | {1e3 * np.median(t_ours):.2f} | {1e3 * np.median(t_theirs):.2f} | "
-          f"{np.median(t_theirs / t_ours):.2f}x | {1e3 * floor:.2f} | "
-          f"{np.median(t_ours) / floor:.2f}x |")
+    print(
+      f"| {name} | {1e3 * np.median(t_ours):.2f} | {1e3 * np.median(t_theirs):.2f} | "
+      f"{np.median(t_theirs / t_ours):.2f}x | {1e3 * floor:.2f} | "
+      f"{np.median(t_ours) / floor:.2f}x |"
+    )
   print()
   print("| matmul probe | GFLOP/s |")
   print("|---|---|")

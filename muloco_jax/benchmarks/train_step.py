@@ -43,8 +43,9 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary (the default BPE's size).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adamw", "muon"], "Inner / DP optimizers.")
-_WORKERS = flags.DEFINE_list("workers", ["1", "4"], "DiLoCo K values (those needing more "
-                             "devices than there are are skipped).")
+_WORKERS = flags.DEFINE_list(
+  "workers", ["1", "4"], "DiLoCo K values (those needing more devices than there are are skipped)."
+)
 _SYNC_EVERY = flags.DEFINE_integer("sync_every", 30, "H, for the sync's share of a round.")
 _STEPS = flags.DEFINE_integer("steps", 1, "Steps per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 12, "Timed windows per measurement (best).")
@@ -134,14 +135,18 @@ def main(argv):
   del argv
   devices = jax.devices()
   rate = matmul_rate(jnp.dtype(_DTYPE.value), repeats=5)
-  model_config = model_lib.model_config(_SIZE.value, vocab_size=_VOCAB.value,
-                                        max_seq_len=max(2048, _SEQ_LEN.value))
+  model_config = model_lib.model_config(
+    _SIZE.value, vocab_size=_VOCAB.value, max_seq_len=max(2048, _SEQ_LEN.value)
+  )
   flops_per_token = model_lib.model_flops_per_token(model_config, _SEQ_LEN.value)
-  print(f"device: {devices[0].device_kind} x{len(devices)} ({devices[0].platform}); model "
-        f"{_SIZE.value} ({model_lib.param_count(model_config) / 1e6:.1f}M params, "
-        f"{flops_per_token / 1e6:.1f} MFLOP/token); {_DTYPE.value} compute; "
-        f"batch {_BATCH.value} x seq {_SEQ_LEN.value} per device/worker; measured "
-        f"{_DTYPE.value} matmul rate {rate / 1e9:.1f} GFLOP/s", flush=True)
+  print(
+    f"device: {devices[0].device_kind} x{len(devices)} ({devices[0].platform}); model "
+    f"{_SIZE.value} ({model_lib.param_count(model_config) / 1e6:.1f}M params, "
+    f"{flops_per_token / 1e6:.1f} MFLOP/token); {_DTYPE.value} compute; "
+    f"batch {_BATCH.value} x seq {_SEQ_LEN.value} per device/worker; measured "
+    f"{_DTYPE.value} matmul rate {rate / 1e9:.1f} GFLOP/s",
+    flush=True,
+  )
   per_host_peak = 1 if devices[0].platform == "cpu" else None
   rng = np.random.default_rng(0)
   dp_rows, diloco_rows = [], []
@@ -157,40 +162,64 @@ def main(argv):
         continue
       global_batch = _batch(rng, k * _BATCH.value)
       dp = train.DataParallel(loss_fn, tx, diloco_lib.make_mesh(1, k))
-      dp_runner = _Runner(lambda s, b, dp=dp: dp.train_step(s, b, 0, False)[0],
-                          dp.init(params), dp.place_batch(global_batch, k * _BATCH.value))
-      dl = diloco_lib.DiLoCo(loss_fn, tx, diloco_lib.outer_optimizer(), k,
-                             mesh=diloco_lib.make_mesh(k, 1))
-      dl_runner = _Runner(lambda s, b, dl=dl: dl.inner_step(s, b)[0], dl.init(params),
-                          dl.shard_batch(global_batch))
+      dp_runner = _Runner(
+        lambda s, b, dp=dp: dp.train_step(s, b, 0, False)[0],
+        dp.init(params),
+        dp.place_batch(global_batch, k * _BATCH.value),
+      )
+      dl = diloco_lib.DiLoCo(
+        loss_fn, tx, diloco_lib.outer_optimizer(), k, mesh=diloco_lib.make_mesh(k, 1)
+      )
+      dl_runner = _Runner(
+        lambda s, b, dl=dl: dl.inner_step(s, b)[0], dl.init(params), dl.shard_batch(global_batch)
+      )
       t_dp, t_inner = _interleaved(dp_runner, dl_runner)
       dp_cost = _xla_cost(dp._step, dp_runner.state, dp_runner.batch)  # pylint: disable=protected-access
       dl_cost = _xla_cost(dl._inner_step, dl_runner.state, dl_runner.batch)  # pylint: disable=protected-access
       flops_ratio = dl_cost["flops"] / dp_cost["flops"]
       bytes_ratio = dl_cost["bytes accessed"] / dp_cost["bytes accessed"]
-      t_sync = _best_seconds(lambda s, dl=dl: dl.outer_sync(s)[0], dl_runner.state,
-                               _REPEATS.value)
+      t_sync = _best_seconds(lambda s, dl=dl: dl.outer_sync(s)[0], dl_runner.state, _REPEATS.value)
       tokens = k * _BATCH.value * _SEQ_LEN.value
       peak = rate * (per_host_peak or k)
       dp_rows.append((optimizer, k, t_dp, tokens / t_dp, flops_per_token * tokens / t_dp / peak))
       h = _SYNC_EVERY.value
-      diloco_rows.append((optimizer, k, t_dp, t_inner, t_dp / t_inner, flops_ratio, bytes_ratio,
-                          t_sync, t_sync / (h * t_inner + t_sync)))
-      print(f"  {optimizer} K={k}: DP {1e3 * t_dp:.1f} ms, DiLoCo inner {1e3 * t_inner:.1f} ms, "
-            f"sync {1e3 * t_sync:.1f} ms", flush=True)
+      diloco_rows.append(
+        (
+          optimizer,
+          k,
+          t_dp,
+          t_inner,
+          t_dp / t_inner,
+          flops_ratio,
+          bytes_ratio,
+          t_sync,
+          t_sync / (h * t_inner + t_sync),
+        )
+      )
+      print(
+        f"  {optimizer} K={k}: DP {1e3 * t_dp:.1f} ms, DiLoCo inner {1e3 * t_inner:.1f} ms, "
+        f"sync {1e3 * t_sync:.1f} ms",
+        flush=True,
+      )
 
   print("\n| optimizer | devices | tokens/step | step (ms) | tokens/s | MFU |")
   print("|---|---|---|---|---|---|")
   for optimizer, k, t, tps, mfu in dp_rows:
-    print(f"| DP {optimizer} | {k} | {k * _BATCH.value * _SEQ_LEN.value} | {1e3 * t:.1f} | "
-          f"{tps:,.0f} | {100 * mfu:.1f}% |")
-  print(f"\n| inner | K (devices) | DP step (ms) | DiLoCo inner step (ms) | DiLoCo / DP tokens/s "
-        f"| XLA flops, bytes DiLoCo / DP | outer sync (ms) | sync share of an "
-        f"H={_SYNC_EVERY.value} round |")
+    print(
+      f"| DP {optimizer} | {k} | {k * _BATCH.value * _SEQ_LEN.value} | {1e3 * t:.1f} | "
+      f"{tps:,.0f} | {100 * mfu:.1f}% |"
+    )
+  print(
+    f"\n| inner | K (devices) | DP step (ms) | DiLoCo inner step (ms) | DiLoCo / DP tokens/s "
+    f"| XLA flops, bytes DiLoCo / DP | outer sync (ms) | sync share of an "
+    f"H={_SYNC_EVERY.value} round |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   for optimizer, k, t_dp, t_inner, ratio, flops, bytes_, t_sync, share in diloco_rows:
-    print(f"| {optimizer} | {k} | {1e3 * t_dp:.1f} | {1e3 * t_inner:.1f} | {ratio:.3f}x | "
-          f"{flops:.4f}, {bytes_:.4f} | {1e3 * t_sync:.1f} | {100 * share:.2f}% |")
+    print(
+      f"| {optimizer} | {k} | {1e3 * t_dp:.1f} | {1e3 * t_inner:.1f} | {ratio:.3f}x | "
+      f"{flops:.4f}, {bytes_:.4f} | {1e3 * t_sync:.1f} | {100 * share:.2f}% |"
+    )
 
 
 if __name__ == "__main__":
