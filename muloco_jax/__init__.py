@@ -27,6 +27,8 @@ from muloco_jax.diloco import (
   pseudogradient,
   split_into_fragments,
 )
+from muloco_jax import layout
+from muloco_jax.layout import matrix_mask, stack_layers, unstack_layers
 from muloco_jax.model import ModelConfig, Transformer, model_config, param_count
 from muloco_jax.optim import (
   CLASSIC_COEFFICIENTS,
@@ -34,6 +36,7 @@ from muloco_jax.optim import (
   MULOCO_COEFFICIENTS,
   MuonDimensionNumbers,
   ScaleByMuonState,
+  dimension_numbers_tree,
   fan_in_fan_out,
   muon,
   muon_labels,

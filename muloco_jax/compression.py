@@ -70,6 +70,14 @@ The authors' outer optimizer uses ``e <- beta * e + outer_lr * delta`` (callers 
 that pass ``outer_lr * delta``). Without error feedback c = C(delta) and e is unchanged.
 Excluded leaves (norm gains by default; the paper's runs also exclude the embedding and
 the output head) are sent uncompressed in float32.
+
+Stacked layers: the pytree functions see every leaf per layer (``muloco_jax.layout``). A leaf
+with s leading layer-stack axes (a scanned model's ``layers/...``, e.g. a kernel
+``(L, in, out)``) is encoded as a batch of L per-layer tensors (``jax.vmap`` of ``encode`` /
+``decode`` over the stacked axes): rows, per-tensor statistics and top-k's k are those of
+one layer, exactly as for the unscanned ``layers_i/...``, and the payload arrays carry the
+stacked axes in front. The exclusion rules use the per-layer rank, so stacked norm gains
+``(L, d)`` are sent exactly like unstacked ones.
 """
 
 from __future__ import annotations
@@ -81,6 +89,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from muloco_jax import layout
 
 KINDS = ("none", "statistical", "linear", "topk")
 BITS = (1, 2, 4, 8)
@@ -104,7 +114,8 @@ class CompressionSpec:
   Attributes:
     kind: "none", "statistical", "linear" or "topk".
     bits: bits per code for the quantizers, one of 1, 2, 4, 8.
-    per_row: quantizer statistics per row of the (shape[0], -1) view instead of per tensor.
+    per_row: quantizer statistics per row of the (shape[0], -1) view instead of per tensor
+      (of each layer's tensor for a stacked leaf, see the module docstring).
     topk_fraction: fraction of entries top-k keeps, in (0, 1].
     table_dtype: storage of the statistical lookup table, "float16" (default, see the
       module docstring) or "float32" (the authors' precision).
@@ -304,80 +315,160 @@ def compressed_nbytes(shape: tuple[int, ...], spec: CompressionSpec) -> int:
 # ----------------------------------------------------------------------------- pytrees
 
 
-def _path_names(path: tuple) -> list[str]:
-  names = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-  return names
+def exclude_vectors(
+  path: tuple, leaf: Any, *, stacked_axes: layout.StackedAxesFn = layout.stacked_axes
+) -> bool:
+  """Default labelling rule: leaves of per-layer rank <= 1 (norm gains, stacked or not;
+  scalars) are sent in fp32."""
+  return layout.layer_ndim(path, leaf, stacked_axes=stacked_axes) <= 1
 
 
-def exclude_vectors(path: tuple, leaf: Any) -> bool:
-  """Default labelling rule: leaves with ndim <= 1 (norm gains, scalars) are sent in fp32."""
-  del path
-  return len(leaf.shape) <= 1
-
-
-def exclude_vectors_embedding_head(path: tuple, leaf: Any) -> bool:
+def exclude_vectors_embedding_head(
+  path: tuple, leaf: Any, *, stacked_axes: layout.StackedAxesFn = layout.stacked_axes
+) -> bool:
   """The paper's rule: also send the embedding and the output head uncompressed.
 
   A leaf is the embedding or the head when a component of its path is exactly
   "embedding" or "head" (``PAPER_EXCLUDED_NAMES``).
   """
-  return exclude_vectors(path, leaf) or any(
-    name in PAPER_EXCLUDED_NAMES for name in _path_names(path)
+  return exclude_vectors(path, leaf, stacked_axes=stacked_axes) or any(
+    name in PAPER_EXCLUDED_NAMES for name in layout.path_names(path)
   )
 
 
-def leaf_specs(tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors) -> Any:
-  """The spec each leaf is sent with: ``NO_COMPRESSION`` where ``exclude(path, leaf)``."""
+def _bind(exclude: ExcludeFn, stacked_axes: layout.StackedAxesFn) -> ExcludeFn:
+  """The built-in exclusion rules follow the tree function's ``stacked_axes`` rule."""
+  if exclude in (exclude_vectors, exclude_vectors_embedding_head):
+    return lambda path, leaf: exclude(path, leaf, stacked_axes=stacked_axes)
+  return exclude
+
+
+def _per_layer(fn: Callable, num_stacked: int) -> Callable:
+  """``fn`` of one layer mapped over ``num_stacked`` leading layer-stack axes."""
+  for _ in range(num_stacked):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def _plan(tree: Any, spec: CompressionSpec, exclude: ExcludeFn, stacked_axes):
+  """Flattened leaves with, per leaf: its spec, number of stacked axes and per-layer shape."""
+  exclude = _bind(exclude, stacked_axes)
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  plan = []
+  for path, leaf in path_leaves:
+    shape = layout.layer_shape(path, leaf, stacked_axes=stacked_axes)
+    leaf_spec = NO_COMPRESSION if exclude(path, leaf) else spec
+    plan.append((leaf, leaf_spec, len(leaf.shape) - len(shape), shape))
+  return plan, treedef
+
+
+def leaf_specs(
+  tree: Any,
+  spec: CompressionSpec,
+  exclude: ExcludeFn = exclude_vectors,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+) -> Any:
+  """The spec each leaf is sent with: ``NO_COMPRESSION`` where ``exclude(path, leaf)``.
+
+  ``stacked_axes`` (the rule giving a leaf's leading layer-stack axes, see
+  ``muloco_jax.layout``) is also handed to the built-in exclusion rules; a custom ``exclude``
+  must apply its own.
+  """
+  exclude = _bind(exclude, stacked_axes)
   return jax.tree_util.tree_map_with_path(
     lambda p, x: NO_COMPRESSION if exclude(p, x) else spec, tree
   )
 
 
-def compress_tree(tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors) -> Any:
+def compress_tree(
+  tree: Any,
+  spec: CompressionSpec,
+  exclude: ExcludeFn = exclude_vectors,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+) -> Any:
   """Encodes every leaf; the result has ``tree``'s structure with a payload dict per leaf.
 
-  Call it per worker (under ``jax.vmap`` / ``shard_map``), so that leaf ndims are per worker.
+  A leaf with stacked layer axes is encoded per layer (payload arrays get the stacked axes in
+  front). Call it per worker (under ``jax.vmap`` / ``shard_map``), so that leaf shapes are
+  per worker.
   """
-  return jax.tree_util.tree_map(encode, tree, leaf_specs(tree, spec, exclude))
+  plan, treedef = _plan(tree, spec, exclude, stacked_axes)
+  payloads = [
+    _per_layer(lambda x, s=leaf_spec: encode(x, s), num_stacked)(leaf)
+    for leaf, leaf_spec, num_stacked, _ in plan
+  ]
+  return jax.tree_util.tree_unflatten(treedef, payloads)
 
 
 def decompress_tree(
-  payloads: Any, spec: CompressionSpec, like: Any, exclude: ExcludeFn = exclude_vectors
+  payloads: Any,
+  spec: CompressionSpec,
+  like: Any,
+  exclude: ExcludeFn = exclude_vectors,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
 ) -> Any:
-  """Inverse of ``compress_tree``; ``like`` (arrays or ShapeDtypeStructs) gives shapes and dtypes."""
-  return jax.tree_util.tree_map(
-    lambda x, s, p: decode(p, s, x.shape, x.dtype), like, leaf_specs(like, spec, exclude), payloads
-  )
+  """Inverse of ``compress_tree``; ``like`` (arrays or ShapeDtypeStructs) gives shapes and
+  dtypes (and, through its paths, the stacked layer axes)."""
+  plan, treedef = _plan(like, spec, exclude, stacked_axes)
+  decoded = [
+    _per_layer(lambda p, s=leaf_spec, shape=shape, x=x: decode(p, s, shape, x.dtype), num_stacked)(
+      payload
+    )
+    for (x, leaf_spec, num_stacked, shape), payload in zip(plan, treedef.flatten_up_to(payloads))
+  ]
+  return jax.tree_util.tree_unflatten(treedef, decoded)
 
 
-def roundtrip_tree(tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors) -> Any:
+def roundtrip_tree(
+  tree: Any,
+  spec: CompressionSpec,
+  exclude: ExcludeFn = exclude_vectors,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+) -> Any:
   """D(C(tree)): what the receivers reconstruct (also the authors' re-quantization after reduce)."""
-  return decompress_tree(compress_tree(tree, spec, exclude), spec, tree, exclude)
+  payloads = compress_tree(tree, spec, exclude, stacked_axes=stacked_axes)
+  return decompress_tree(payloads, spec, tree, exclude, stacked_axes=stacked_axes)
 
 
 def tree_compressed_nbytes(
-  tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors
+  tree: Any,
+  spec: CompressionSpec,
+  exclude: ExcludeFn = exclude_vectors,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
 ) -> int:
-  """Closed-form bytes one worker sends for ``tree`` (sum of ``compressed_nbytes``)."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  specs = jax.tree_util.tree_leaves(leaf_specs(tree, spec, exclude))
-  return sum(compressed_nbytes(tuple(x.shape), s) for x, s in zip(leaves, specs))
+  """Closed-form bytes one worker sends for ``tree``: the sum over leaves and layers of
+  ``compressed_nbytes`` of the per-layer shape."""
+  plan, _ = _plan(tree, spec, exclude, stacked_axes)
+  return sum(
+    math.prod(leaf.shape[:num_stacked]) * compressed_nbytes(shape, leaf_spec)
+    for leaf, leaf_spec, num_stacked, shape in plan
+  )
+
+
+def relative_error(original: Any, decoded: Any) -> jax.Array:
+  """||original - decoded|| / ||original|| over all leaves of two like-shaped trees, in
+  float32 (0 when ``original`` is zero)."""
+  as32 = lambda t: [x.astype(jnp.float32) for x in jax.tree_util.tree_leaves(t)]
+  originals, decodeds = as32(original), as32(decoded)
+  err = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(originals, decodeds))
+  norm = sum(jnp.sum(jnp.square(a)) for a in originals)
+  return jnp.where(norm > 0, jnp.sqrt(err / jnp.where(norm > 0, norm, 1.0)), 0.0)
 
 
 def relative_compression_error(
-  tree: Any, spec: CompressionSpec, exclude: ExcludeFn = exclude_vectors
+  tree: Any,
+  spec: CompressionSpec,
+  exclude: ExcludeFn = exclude_vectors,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
 ) -> jax.Array:
   """||delta - D(C(delta))|| / ||delta|| over all leaves of the tree (0 for a zero tree)."""
-  as32 = lambda t: [x.astype(jnp.float32) for x in jax.tree_util.tree_leaves(t)]
-  originals, decoded = as32(tree), as32(roundtrip_tree(tree, spec, exclude))
-  err = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(originals, decoded))
-  norm = sum(jnp.sum(jnp.square(a)) for a in originals)
-  return jnp.where(norm > 0, jnp.sqrt(err / jnp.where(norm > 0, norm, 1.0)), 0.0)
+  return relative_error(tree, roundtrip_tree(tree, spec, exclude, stacked_axes=stacked_axes))
 
 
 # ----------------------------------------------------------------------------- error feedback
@@ -410,13 +501,24 @@ def error_feedback_tree(
   beta: float,
   exclude: ExcludeFn = exclude_vectors,
   use_ef: bool = True,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
 ) -> tuple[Any, Any]:
-  """``error_feedback_step`` on every leaf: returns (payload tree, new error tree).
+  """``error_feedback_step`` on every leaf (per layer): returns (payload tree, new error tree).
 
-  Excluded leaves are sent exactly, so their error stays zero.
+  Excluded leaves are sent exactly, so their error stays zero. Without ``use_ef`` the payloads
+  are ``compress_tree(delta)`` and ``error`` is returned as it is (it may then be any
+  placeholder, e.g. ``{}``).
   """
-  step = lambda e, d, s: error_feedback_step(e, d, s, beta, use_ef)
-  out = jax.tree_util.tree_map(step, error, delta, leaf_specs(delta, spec, exclude))
-  payloads = jax.tree_util.tree_map(lambda _, o: o[0], error, out)
-  new_error = jax.tree_util.tree_map(lambda _, o: o[1], error, out)
-  return payloads, new_error
+  plan, treedef = _plan(delta, spec, exclude, stacked_axes)
+  errors = treedef.flatten_up_to(error) if use_ef else [None] * len(plan)
+  out = [
+    _per_layer(lambda e, d, s=leaf_spec: error_feedback_step(e, d, s, beta, use_ef), num_stacked)(
+      e, leaf
+    )
+    for e, (leaf, leaf_spec, num_stacked, _) in zip(errors, plan)
+  ]
+  payloads = jax.tree_util.tree_unflatten(treedef, [payload for payload, _ in out])
+  if not use_ef:
+    return payloads, error
+  return payloads, jax.tree_util.tree_unflatten(treedef, [e for _, e in out])

@@ -68,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.diloco.outer_lr = 0.7
   c.diloco.outer_momentum = 0.9
   c.diloco.outer_nesterov = True
-  c.diloco.data_parallelism = 1  # devices per worker (the mesh `data` axis)
+  # Devices per worker row (the mesh `data` axis); 0: automatic, every device is used.
+  c.diloco.data_parallelism = 0
   # The paper's weight-decay rescaling: wd *= (B / K) / reference; 0 = off (paper: 512).
   c.diloco.weight_decay_reference_batch = 0
   c.diloco.num_fragments = 1  # streaming DiLoCo: F fragments synced at staggered steps
@@ -135,7 +136,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.diloco
   _check(d.num_workers >= 0, "diloco.num_workers", d.num_workers, "must be >= 0")
   _check(d.sync_every >= 1, "diloco.sync_every", d.sync_every, "(H) must be >= 1")
-  _check(d.data_parallelism >= 1, "diloco.data_parallelism", d.data_parallelism, "must be >= 1")
+  _check(d.data_parallelism >= 0, "diloco.data_parallelism", d.data_parallelism, "must be >= 0")
   _check(d.num_fragments >= 1, "diloco.num_fragments", d.num_fragments, "must be >= 1")
   _check(
     d.num_fragments <= model_config.num_layers,
@@ -148,6 +149,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "diloco.num_fragments",
     d.num_fragments,
     "> 1 needs model.scan_layers=False (fragments are layer ranges)",
+  )
+  _check(
+    d.num_fragments <= d.sync_every,
+    "diloco.num_fragments",
+    d.num_fragments,
+    f"exceeds diloco.sync_every={d.sync_every} (fragments would share sync steps)",
   )
   drop_schedule(config)  # validates diloco.drop_workers
   c = config.compression
@@ -162,12 +169,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c.exclude in EXCLUDE_RULES, "compression.exclude", c.exclude, f"is not one of {EXCLUDE_RULES}"
   )
   compression_spec(config)  # validates bits, topk_fraction, table_dtype
-  replicas = max(d.num_workers, 1) * d.data_parallelism
+  # The split over the devices of the mesh is checked once the mesh is known.
   _check(
-    config.train.batch_size % replicas == 0,
+    config.train.batch_size % max(d.num_workers, 1) == 0,
     "train.batch_size",
     config.train.batch_size,
-    f"must be divisible by diloco.num_workers x diloco.data_parallelism = {replicas}",
+    f"must be divisible by diloco.num_workers={d.num_workers}",
   )
 
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -165,11 +166,7 @@ def init(
     outer_opt_state=tuple(outer_tx.init(_subtree(params, f)) for f in fragments),
     worker_params=_stack(params, num_workers),
     worker_opt_state=_stack(inner_tx.init(params), num_workers),
-    error=(
-      _stack(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params), num_workers)
-      if error_feedback
-      else {}
-    ),
+    error=(_stack(compression.init_error(params), num_workers) if error_feedback else {}),
     step=jnp.zeros((), jnp.int32),
   )
 
@@ -280,13 +277,12 @@ def compressed_average(
 
   def average(deltas, contributes, error, axis_name=None):
     def one_worker(e, d):
-      if error_feedback:
-        return compression.error_feedback_tree(e, d, spec, error_decay, exclude)
-      return compression.compress_tree(d, spec, exclude), e
+      return compression.error_feedback_tree(
+        e, d, spec, error_decay, exclude, use_ef=error_feedback
+      )
 
     like = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
-    ef_in = error if error_feedback else jax.tree.map(jnp.zeros_like, deltas)
-    payloads, new_error = jax.vmap(one_worker)(ef_in, deltas)
+    payloads, new_error = jax.vmap(one_worker)(error, deltas)
     sent = (
       jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
       if error_feedback
@@ -311,10 +307,7 @@ def compressed_average(
       delta = compression.roundtrip_tree(delta, spec, exclude)
     delta = jax.tree.map(lambda x, d: x.astype(d.dtype), delta, like)
 
-    residual = jax.tree.map(lambda a, b: a - b, sent, decoded_local)
-    rel_error = jnp.sqrt(
-      jax.vmap(_tree_dot)(residual, residual) / jnp.maximum(jax.vmap(_tree_dot)(sent, sent), 1e-30)
-    )
+    rel_error = jax.vmap(compression.relative_error)(sent, decoded_local)
     local_stats = jnp.stack(
       [
         jnp.sum(jnp.where(contributes, rel_error, 0.0)),
@@ -406,8 +399,9 @@ def outer_sync(
 
   Every worker (contributing or not) takes the new ``theta`` of the fragment; a worker keeps its
   inner optimizer state unless that state holds a non-finite value or the worker is inactive
-  (a lost worker comes back without its state), in which case it is re-initialised with
-  ``inner_tx.init(theta)`` (reported as ``worker_opt_state_reset``).
+  (a lost worker comes back without its state), in which case it restarts from
+  ``inner_tx.init(theta)`` with the schedule positions of its old state (see
+  ``restart_inner_state``; reported as ``worker_opt_state_reset``).
   ``step`` is unchanged.  See ``outer_step`` for ``active``, ``axis_name``, ``average`` and the
   metrics.
   """
@@ -429,9 +423,8 @@ def outer_sync(
   reset = ~_workers_all_finite(state.worker_opt_state, num_local)
   if active is not None:
     reset |= ~active
-  worker_opt_state = _select_workers(
-    reset, _stack(inner_tx.init(params), num_local), state.worker_opt_state
-  )
+  fresh = restart_inner_state(inner_tx.init(params), state.worker_opt_state, num_local)
+  worker_opt_state = _select_workers(reset, fresh, state.worker_opt_state)
   outer_opt_state = tuple(
     fragment_outer_state if i == fragment_index else s for i, s in enumerate(state.outer_opt_state)
   )
@@ -445,23 +438,148 @@ def outer_sync(
   return state, dict(metrics, worker_opt_state_reset=reset)
 
 
+# Optimizer-state nodes that hold a schedule's position (the inner step count the learning rate
+# or an injected hyperparameter is a function of).
+_SCHEDULE_STATES = (optax.ScaleByScheduleState,)
+_INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def restart_inner_state(fresh: PyTree, old: PyTree, num_workers: int) -> PyTree:
+  """Per worker: ``fresh`` (an ``inner_tx.init`` result) with the schedule positions of ``old``.
+
+  A worker that rejoins, or whose state went non-finite, loses its moments (momentum, Adam's
+  moments and bias-correction counts, error of its own) but not its place in the learning-rate
+  schedule: it must use the same learning rate as the other workers at the next step, not
+  redo warmup out of phase with them.  Kept from ``old``: ``ScaleByScheduleState`` nodes
+  (``optax.scale_by_learning_rate`` with a schedule, ``optax.sgd``/``adamw``/... given one)
+  and the count, hyperparameters and schedule states of ``optax.inject_hyperparams`` states,
+  whose inner state is restarted the same way.  ``old`` has
+  a leading worker axis of size ``num_workers``; ``fresh`` has none.
+  """
+
+  def restart(new, prev):
+    if isinstance(new, _SCHEDULE_STATES):
+      return prev
+    if isinstance(new, _INJECTED_STATES):
+      return new._replace(
+        count=prev.count,
+        hyperparams=prev.hyperparams,
+        inner_state=restart_inner_state(new.inner_state, prev.inner_state, num_workers),
+        **(
+          {"hyperparams_states": prev.hyperparams_states}
+          if hasattr(new, "hyperparams_states")
+          else {}
+        ),
+      )
+    return _stack(new, num_workers)
+
+  is_node = lambda x: isinstance(x, _SCHEDULE_STATES + _INJECTED_STATES)
+  return jax.tree.map(restart, fresh, old, is_leaf=is_node)
+
+
+def _granules(devices) -> tuple[int, bool]:
+  """(number of groups joined by slow links, whether those groups are processes).
+
+  TPU slices (several ``slice_index`` values) are joined by the data-centre network; failing
+  that, several processes (hosts) are; one group otherwise.
+  """
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  if len(slices) > 1:
+    return len(slices), False
+  processes = {d.process_index for d in devices}
+  return len(processes), len(processes) > 1
+
+
 def make_mesh(worker_parallelism: int, data_parallelism: int = 1, devices=None) -> Mesh:
-  """A ``("worker", "data")`` mesh over the first ``worker_parallelism * data_parallelism``
-  devices (default ``jax.devices()``); a worker row holds consecutive devices."""
+  """A ``("worker", "data")`` mesh of exactly ``worker_parallelism x data_parallelism`` devices.
+
+  ``devices`` defaults to ``jax.devices()`` and must hold at least that many; the first ones
+  are used (use ``mesh_for_workers`` to use all of them).  The grid comes from jax's mesh
+  utilities: across slices or hosts (``mesh_utils.create_hybrid_device_mesh``) the ``worker``
+  axis takes the slow links and ``data`` the fast ones inside a slice or host; the ``data``
+  axis spans the slow links only when the ``worker`` axis cannot (it is smaller than the number
+  of slices or hosts).
+  """
   devices = list(jax.devices() if devices is None else devices)
-  needed = worker_parallelism * data_parallelism
-  if needed > len(devices):
+  shape = (worker_parallelism, data_parallelism)
+  needed = math.prod(shape)
+  if min(shape) < 1 or needed > len(devices):
     raise ValueError(
-      f"mesh worker={worker_parallelism} x data={data_parallelism} needs "
-      f"{needed} devices, only {len(devices)} available"
+      f"mesh worker={worker_parallelism} x data={data_parallelism} needs {needed} devices, "
+      f"{len(devices)} available"
     )
-  grid = np.asarray(devices[:needed], dtype=object).reshape(worker_parallelism, data_parallelism)
+  devices = devices[:needed]
+  granules, process_is_granule = _granules(devices)
+  if granules == 1:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:
+    if worker_parallelism % granules == 0:
+      dcn = (granules, 1)
+    elif data_parallelism % granules == 0:
+      dcn = (1, granules)
+    else:
+      raise ValueError(
+        f"mesh worker={worker_parallelism} x data={data_parallelism} cannot be laid over "
+        f"{granules} slices/hosts: one axis must be a multiple of {granules}"
+      )
+    ici = tuple(n // g for n, g in zip(shape, dcn))
+    grid = mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=process_is_granule, allow_split_physical_axes=True
+    )
   return Mesh(grid, (WORKER_AXIS, DATA_AXIS))
 
 
-def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from a host array every process holds (each process places its shards)."""
-  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+def mesh_for_workers(num_workers: int, devices=None, data_parallelism: int = 0) -> Mesh:
+  """The mesh of K DiLoCo workers over EVERY device of ``devices`` (default ``jax.devices()``).
+
+  ``data_parallelism`` = D devices per worker row (0: automatic).  Automatic: the worker axis
+  is W = gcd(K, n) for n devices and D = n / W, so surplus devices split each worker's batch
+  (K=4 on 8 devices: 4 x 2; K=3 on 8: 1 x 8, each device runs the 3 workers on 1/8 of their
+  batches; K=16 on 8: 8 x 1, two workers per device).  A given D must divide n and n / D must
+  divide K; otherwise a ValueError says what to set.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if num_workers < 1:
+    raise ValueError(f"diloco.num_workers={num_workers} must be >= 1")
+  if data_parallelism == 0:
+    worker_parallelism = math.gcd(num_workers, n)
+    data_parallelism = n // worker_parallelism
+  elif n % data_parallelism or num_workers % (n // data_parallelism):
+    fits = [d for d in range(1, n + 1) if n % d == 0 and num_workers % (n // d) == 0]
+    raise ValueError(
+      f"diloco.data_parallelism={data_parallelism} does not lay diloco.num_workers={num_workers} "
+      f"workers over all {n} devices (it must divide {n}, and {n} / it must divide "
+      f"{num_workers}); set it to one of {fits} or to 0 (automatic)"
+    )
+  else:
+    worker_parallelism = n // data_parallelism
+  return make_mesh(worker_parallelism, data_parallelism, devices)
+
+
+def check_batch_size(name: str, batch_size: int, num_workers: int, mesh: Mesh) -> None:
+  """Raises a ValueError naming ``name`` unless ``batch_size`` splits over the mesh.
+
+  The batch is split into K worker batches (K = ``num_workers``; pass the mesh's ``worker``
+  size for a batch split over every device, as data parallelism and evaluation do), and each
+  worker's rows over the ``data`` axis: every device gets the same number of rows.
+  """
+  data = mesh.shape[DATA_AXIS]
+  if batch_size < 1 or batch_size % (num_workers * data):
+    raise ValueError(
+      f"{name}={batch_size} must be a positive multiple of {num_workers * data} "
+      f"(diloco.num_workers={num_workers} worker batches, each split over the {data} devices "
+      f"of the mesh's 'data' axis)"
+    )
+
+
+def place_rows(rows: Any, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+  """A global array of ``global_shape`` from this process's consecutive rows of it.
+
+  With several processes each passes its own block of rows (along the leading axis); a
+  process that passes the whole ``global_shape`` (every process the same) places its shards.
+  """
+  return jax.make_array_from_process_local_data(sharding, np.asarray(rows), global_shape)
 
 
 class DiLoCo:
@@ -473,8 +591,8 @@ class DiLoCo:
     inner_tx, outer_tx: optax optimizers (``outer_optimizer()`` is the usual outer one).
     num_workers: K, the number of DiLoCo workers.
     mesh: a mesh with axes ``("worker", "data")``; K must be divisible by its ``worker`` size.
-    devices, data_parallelism: used when ``mesh`` is None: ``data_parallelism`` devices per
-      worker, and the largest worker-axis size W that divides K and fits ``devices``.
+    devices, data_parallelism: used when ``mesh`` is None: ``mesh_for_workers(K, devices,
+      data_parallelism)``, which uses every device (``data_parallelism`` 0: automatic).
     average: the averager used by ``outer_sync`` (``psum_average`` by default, or
       ``compressed_average(...)``).
     fragments: streaming DiLoCo's fragments (see ``split_into_fragments``); the default is
@@ -485,9 +603,10 @@ class DiLoCo:
   Sharding of ``DiLoCoState``: ``params``, ``outer_opt_state``, ``step`` replicated;
   ``worker_params``, ``worker_opt_state``, ``error`` split over ``worker`` along their leading K axis
   (``P("worker")``, replicated over ``data``).  Batches have leaves ``[K, B/K, ...]``
-  sharded ``P("worker", "data")`` (``shard_batch`` makes them from a global ``[B, ...]`` batch);
+  sharded ``P("worker", "data")`` (``shard_batch`` makes them from ``[B, ...]`` rows);
   the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step`` and ``outer_sync``
-  donate the state.
+  donate the state.  Nothing is placed on the devices at construction, so the jitted steps
+  can be lowered from shapes alone (e.g. for a compile-only TPU topology).
   """
 
   def __init__(
@@ -499,16 +618,13 @@ class DiLoCo:
     mesh: Mesh | None = None,
     *,
     devices=None,
-    data_parallelism: int = 1,
+    data_parallelism: int = 0,
     average: Averager = psum_average,
     fragments: "tuple[Fragment, ...]" = (None,),
     error_feedback: bool = False,
   ):
     if mesh is None:
-      devices = list(jax.devices() if devices is None else devices)
-      mesh = make_mesh(
-        math.gcd(num_workers, len(devices) // data_parallelism), data_parallelism, devices
-      )
+      mesh = mesh_for_workers(num_workers, devices, data_parallelism)
     if tuple(mesh.axis_names) != (WORKER_AXIS, DATA_AXIS):
       raise ValueError(f"mesh axes must be {(WORKER_AXIS, DATA_AXIS)}, got {mesh.axis_names}")
     worker_size = mesh.shape[WORKER_AXIS]
@@ -585,37 +701,38 @@ class DiLoCo:
       out_shardings=(self.state_sharding, self.active_sharding),
     )
     self._outer_syncs = tuple(outer_fn(f) for f in range(len(self.fragments)))
-    self._all_active = _global_array(np.ones(num_workers, bool), self.active_sharding)
 
   def init(self, params: PyTree) -> DiLoCoState:
-    """``init`` on the mesh; ``params`` is a host pytree (the same on every process)."""
-    params = jax.tree.map(lambda x: _global_array(np.asarray(x), self.replicated), params)
+    """``init`` on the mesh; ``params`` is a host pytree (the same on every process) or a
+    tree of global arrays."""
+    params = jax.tree.map(
+      lambda x: x if isinstance(x, jax.Array) else place_rows(x, self.replicated, np.shape(x)),
+      params,
+    )
     return self._init(params)
 
-  def _check_batch_size(self, batch_size: int, per_worker: bool) -> None:
-    k, d = self.num_workers, self.data_parallelism
-    rows = batch_size if per_worker else batch_size // k
-    if not per_worker and batch_size % k:
-      raise ValueError(f"train.batch_size={batch_size} must be divisible by diloco.num_workers={k}")
-    if rows % d:
-      raise ValueError(
-        f"train.batch_size / diloco.num_workers = {rows} rows per worker must "
-        f"be divisible by the mesh 'data' axis size {d}"
-      )
+  def shard_batch(self, batch: dict, global_batch_size: int | None = None) -> dict:
+    """Rows ``[B, ...]`` -> ``[K, B/K, ...]`` on the mesh (worker k gets rows
+    ``[k B/K, (k+1) B/K)`` of the global batch).
 
-  def shard_batch(self, batch: dict) -> dict:
-    """Global host batch ``[B, ...]`` -> ``[K, B/K, ...]`` on the mesh (worker k gets rows
-    ``[k B/K, (k+1) B/K)``).  Every process passes the same global batch and places only
-    its own shards; alternatively build the arrays with ``batch_sharding`` directly."""
+    ``global_batch_size`` None: ``batch`` is the whole global batch (every process passes the
+    same one and places its own shards).  Otherwise ``batch`` holds this process's consecutive
+    rows of a global batch of that size (processes in order).
+    """
     sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:
       raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
-    self._check_batch_size(sizes.pop(), per_worker=False)
+    rows = sizes.pop()
+    global_batch_size = rows if global_batch_size is None else global_batch_size
+    check_batch_size("train.batch_size", global_batch_size, self.num_workers, self.mesh)
     k = self.num_workers
+    per_worker = global_batch_size // k
 
     def place(x):
       x = np.asarray(x)
-      return _global_array(x.reshape((k, x.shape[0] // k) + x.shape[1:]), self.batch_sharding)
+      # This process's rows split into whole workers, or (fewer rows) part of one worker's.
+      local = x.reshape((-1, per_worker) + x.shape[1:]) if rows >= per_worker else x[None]
+      return place_rows(local, self.batch_sharding, (k, per_worker) + x.shape[1:])
 
     return jax.tree.map(place, batch)
 
@@ -628,7 +745,7 @@ class DiLoCo:
           f"batch leaves must be [diloco.num_workers={self.num_workers}, "
           f"B/K, ...], got shape {x.shape}; use shard_batch"
         )
-      self._check_batch_size(x.shape[1], per_worker=True)
+      check_batch_size("train.batch_size", x.shape[0] * x.shape[1], self.num_workers, self.mesh)
     return self._inner_step(state, batch)
 
   def outer_sync(
@@ -638,11 +755,9 @@ class DiLoCo:
     ``outer_sync``); ``active`` is an optional bool ``[K]`` mask.  Metrics: ``pseudograd_norm``, ``num_contributing``, ``sync_bytes``
     (scalars) and ``worker_pseudograd_norm``, ``worker_cosine``, ``worker_contributed``,
     ``worker_opt_state_reset`` (``[K]``)."""
-    if active is None:
-      active = self._all_active
-    elif not isinstance(active, jax.Array):
-      active = np.asarray(active, bool)
+    if not isinstance(active, jax.Array):
+      active = np.ones(self.num_workers, bool) if active is None else np.asarray(active, bool)
       if active.shape != (self.num_workers,):
         raise ValueError(f"active must have shape ({self.num_workers},), got {active.shape}")
-      active = _global_array(active, self.active_sharding)
+      active = place_rows(active, self.active_sharding, active.shape)
     return self._outer_syncs[fragment_index](state, active)

@@ -8,9 +8,12 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
+import tensorflow_datasets as tfds
 from ml_collections import config_flags
 
+from muloco_jax import checkpoint
 from muloco_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
@@ -42,10 +45,16 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # library INFO and progress bars only on request
+    logging.set_verbosity(logging.WARNING)
+    tfds.disable_progress_bar()
   if _COORDINATOR.value is not None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no-op elsewhere
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except checkpoint.IncompatibleCheckpointError as e:
+    sys.exit(f"FATAL {e}")  # the message says what differs and what to do: no traceback
 
 
 if __name__ == "__main__":

@@ -7,10 +7,16 @@ optimizer: orthogonalized steps average and compress better across workers.
 
 Pieces, smallest first:
   * `orthogonalize`: Newton-Schulz on the last two axes, batched over the rest.
-  * `scale_by_muon`: momentum -> orthogonalize -> shape scale, on >=2-D leaves.
+  * `scale_by_muon`: momentum -> orthogonalize -> shape scale, on matrix leaves.
   * `muon`: the full optimizer: Muon on hidden matrices, AdamW on everything
     else (embedding, output head, norm gains), decoupled weight decay, lr
     (or schedule).
+
+Every per-leaf decision (Muon or AdamW, weight decay, which axes form the
+matrix) is taken on the leaf's per-layer shape (`muloco_jax.layout`): the
+leading layer axis of a scanned block's parameters is a batch axis, so a
+scanned model trains exactly as the unscanned one.  Keyword names follow
+`optax.contrib.muon` where optax has the same option.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers
+
+from muloco_jax import layout
 
 # The quintic (a, b, c) of Jordan et al., repeated each iteration.
 CLASSIC_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -37,17 +46,33 @@ MULOCO_COEFFICIENTS = (
 )
 SCALE_RULES = ("spectral", "moonlight", "none")
 
-Schedule = Union[str, Sequence[Sequence[float]]]
+# A name, one (a, b, c) triple, or a sequence of triples.
+Schedule = Union[str, Sequence[float], Sequence[Sequence[float]]]
 Coefficients = tuple[tuple[float, float, float], ...]
+
+
+def _is_one_triple(schedule) -> bool:
+  """Whether `schedule` is one (a, b, c) triple of numbers (a list, tuple or array)."""
+  if isinstance(schedule, str):
+    return False
+  try:
+    return np.shape(schedule) == (3,) and np.asarray(schedule).dtype.kind in "iuf"
+  except ValueError:  # ragged
+    return False
 
 
 def newton_schulz_coefficients(schedule: Schedule = "classic", steps: int = 5) -> Coefficients:
   """The (a, b, c) triple of each Newton-Schulz iteration.
 
   "classic" repeats `CLASSIC_COEFFICIENTS` `steps` times; "muloco" is the
-  paper's five triples (`steps` must then be 5, or omitted as 5); an explicit
-  sequence of triples is taken as given and `steps` is ignored.
+  paper's five triples (`steps` must then be 5, or omitted as 5); one (a, b, c)
+  triple of numbers is repeated `steps` times (as optax's `ns_coeffs`); an
+  explicit sequence of triples is taken as given and `steps` is ignored.
   """
+  if _is_one_triple(schedule):
+    if not isinstance(steps, int) or steps < 1:
+      raise ValueError(f"Newton-Schulz `steps` must be a positive int, got {steps!r}.")
+    schedule = (tuple(schedule),) * steps
   if isinstance(schedule, str):
     if schedule == "classic":
       if not isinstance(steps, int) or steps < 1:
@@ -171,8 +196,9 @@ def newton_schulz_flops(shape: Sequence[int], steps: int) -> int:
 # Fan-in / fan-out axes of a leaf.
 
 DimensionNumbers = MuonDimensionNumbers
-# Flax kernels are (..., in, out): reduce over -2, output -1, leading axes are
-# a batch (e.g. the layer axis of scanned blocks).
+# The default for a leaf whose per-layer rank is 2: a Flax (in, out) kernel,
+# reduced over -2, output -1; the leading axes of such a leaf are exactly its
+# stacked layer axes, the batch.
 FLAX_DIMENSION_NUMBERS = MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
 
 
@@ -222,6 +248,61 @@ def shape_scale(fan_in: int, fan_out: int, rule: str) -> float:
   raise ValueError(f"Unknown Muon scale rule {rule!r}: use one of {SCALE_RULES}.")
 
 
+def _leaf_dimension_numbers(path, leaf, given, stacked_axes):
+  """The dimension numbers of one leaf meant for Muon: `given`, or the per-layer default."""
+  name = jax.tree_util.keystr(tuple(path))
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    raise ValueError(f"Muon needs floating-point parameters; {name} has dtype {leaf.dtype}.")
+  if given is not None:
+    _axes(leaf, given)  # validates them against the leaf
+    return given
+  shape = layout.layer_shape(path, leaf, stacked_axes=stacked_axes)
+  if len(shape) < 2:
+    raise ValueError(
+      f"Muon needs parameters of rank >= 2 per layer; {name} has shape {leaf.shape} "
+      f"({leaf.ndim - len(shape)} stacked layer axes). Send scalars and vectors to AdamW "
+      "(see `muon_labels`)."
+    )
+  if len(shape) > 2:
+    raise ValueError(
+      f"Muon has no default dimension numbers for {name}: its per-layer shape {shape} has "
+      "rank > 2, so which axes form the matrix is ambiguous (e.g. a DenseGeneral "
+      "(d, heads, head_dim) kernel). Pass `MuonDimensionNumbers` for it "
+      "(`weight_dimension_numbers` / `muon_weight_dimension_numbers`)."
+    )
+  return FLAX_DIMENSION_NUMBERS
+
+
+def dimension_numbers_tree(
+  params: Any,
+  weight_dimension_numbers: Any = None,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+) -> Any:
+  """Per-leaf `MuonDimensionNumbers` of a tree of Muon parameters.
+
+  `weight_dimension_numbers` is None, one `MuonDimensionNumbers` for every
+  leaf, a tree of them (None entries: the default) or a function of the params
+  returning either.  The default for a leaf is `FLAX_DIMENSION_NUMBERS`
+  (reduction -2, output -1, the leading stacked layer axes a batch) when its
+  per-layer rank is 2; a leaf of per-layer rank > 2 has no default and raises
+  a ValueError naming it, as does one of per-layer rank < 2.
+  """
+  given = weight_dimension_numbers
+  if callable(given) and not isinstance(given, MuonDimensionNumbers):
+    given = given(params)
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if given is None or isinstance(given, MuonDimensionNumbers):
+    given_leaves = [given] * len(path_leaves)
+  else:
+    given_leaves = treedef.flatten_up_to(given)
+  dims = [
+    _leaf_dimension_numbers(path, leaf, dn, stacked_axes)
+    for (path, leaf), dn in zip(path_leaves, given_leaves)
+  ]
+  return jax.tree.unflatten(treedef, dims)
+
+
 # --------------------------------------------------------------------------
 # scale_by_muon
 
@@ -232,79 +313,72 @@ class ScaleByMuonState(NamedTuple):
   momentum: optax.Updates
 
 
-def _resolve_dimension_numbers(dimension_numbers, params):
-  """A per-leaf tree of MuonDimensionNumbers (None: the Flax default)."""
-  if dimension_numbers is None:
-    dimension_numbers = FLAX_DIMENSION_NUMBERS
-  if callable(dimension_numbers) and not isinstance(dimension_numbers, MuonDimensionNumbers):
-    dimension_numbers = dimension_numbers(params)
-  if isinstance(dimension_numbers, MuonDimensionNumbers):
-    return jax.tree.map(lambda _: dimension_numbers, params)
-  return dimension_numbers
-
-
-def _check_matrix_leaf(path, leaf):
-  name = jax.tree_util.keystr(path)
-  if not jnp.issubdtype(leaf.dtype, jnp.floating):
-    raise ValueError(f"Muon needs floating-point parameters; {name} has dtype {leaf.dtype}.")
-  if leaf.ndim < 2:
-    raise ValueError(
-      f"Muon needs parameters of rank >= 2; {name} has shape {leaf.shape}. Send "
-      "scalars and vectors to AdamW (see `muon_labels`)."
-    )
-
-
 def scale_by_muon(
-  beta: float = 0.95,
-  nesterov: bool = True,
-  momentum_dtype: Any = None,
-  schedule: Schedule = "classic",
+  *,
+  ns_coeffs: Schedule = "classic",
   ns_steps: int = 5,
+  beta: float = 0.95,
+  eps: float = 1e-7,
+  mu_dtype: Any = None,
+  nesterov: bool = True,
+  weight_dimension_numbers: Any = None,
   compute_dtype: Any = None,
   scale: str = "spectral",
-  dimension_numbers: Any = None,
-  eps: float = 1e-7,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
 ) -> optax.GradientTransformation:
-  """Muon's direction: momentum, Newton-Schulz, shape scale.
+  """Muon's direction: momentum, Newton-Schulz, shape scale (arXiv 2505.23725).
+
+  For each leaf, with gradient g and momentum m:
 
     m <- beta m + (1 - beta) g
     u = beta m + (1 - beta) g   (Nesterov)   or   u = m
-    update = shape_scale(fan_in, fan_out) * orthogonalize(u)
+    update = shape_scale(fan_in, fan_out) * orthogonalize(U)
 
-  Every leaf must have rank >= 2 (use `muon` to route the rest to AdamW).
-  Leaves are viewed as (batch, fan_in, fan_out) matrices through
-  `dimension_numbers` (an optax `MuonDimensionNumbers`, a tree of them, or a
-  function of the params returning one; default: Flax (..., in, out) kernels
-  with leading axes as a batch) and each leaf's matrices are orthogonalized in
-  one `orthogonalize` computation.  Leaves are not concatenated into one batch
-  per shape: that costs two copies of every matrix and gains nothing on CPU,
-  where a batch is a loop anyway.
+  where U is u viewed as a batch of (fan_in, fan_out) matrices.  The view is
+  given by `weight_dimension_numbers` (see `dimension_numbers_tree`): by
+  default a leaf's stacked layer axes (`muloco_jax.layout.stacked_axes`) are
+  the batch and its per-layer shape must be a Flax (in, out) kernel; a leaf of
+  per-layer rank > 2 needs explicit `MuonDimensionNumbers` (all axes not named
+  in them are a batch).  Every leaf must be a matrix per layer (use `muon` to
+  route the rest to AdamW).  Each leaf's matrices are orthogonalized in one
+  `orthogonalize` computation; leaves are not concatenated into one batch per
+  shape (that costs two copies of every matrix and gains nothing on CPU).
+
+  All arguments are keyword-only; names follow `optax.contrib.scale_by_muon`.
 
   Args:
+    ns_coeffs: Newton-Schulz coefficients: "classic", "muloco", one (a, b, c)
+      triple (repeated `ns_steps` times) or a sequence of triples; see
+      `newton_schulz_coefficients`.
+    ns_steps: Newton-Schulz iterations for "classic" or a single triple.
     beta: momentum decay.
+    eps: added to the Frobenius norm before Newton-Schulz.
+    mu_dtype: dtype of the momentum buffer (None: the params').
     nesterov: use the Nesterov look-ahead.
-    momentum_dtype: dtype of the momentum buffer (None: the params').
-    schedule, ns_steps, compute_dtype, eps: see `orthogonalize`.
+    weight_dimension_numbers: which axes are fan-in / fan-out, see above.
+    compute_dtype: dtype of the Newton-Schulz iteration (None: the update's).
     scale: "spectral" (paper), "moonlight" or "none"; see `shape_scale`.
-    dimension_numbers: which axes are fan-in / fan-out, see above.
+    stacked_axes: the rule giving a leaf's number of leading layer axes.
   """
-  coefficients = newton_schulz_coefficients(schedule, ns_steps)
+  coefficients = newton_schulz_coefficients(ns_coeffs, ns_steps)
   shape_scale(1, 1, scale)  # validates the rule now rather than at the first step
   compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+  dims_of = functools.partial(
+    dimension_numbers_tree,
+    weight_dimension_numbers=weight_dimension_numbers,
+    stacked_axes=stacked_axes,
+  )
 
   def init_fn(params):
-    jax.tree_util.tree_map_with_path(_check_matrix_leaf, params)
-    _resolve_dimension_numbers(dimension_numbers, params)
-    momentum = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=momentum_dtype or p.dtype), params)
+    dims_of(params)  # raises now for a leaf Muon cannot take
+    momentum = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
     return ScaleByMuonState(momentum=momentum)
 
   def update_fn(updates, state, params=None):
     momentum = optax.tree.update_moment(updates, state.momentum, beta, 1)
     direction = optax.tree.update_moment(updates, momentum, beta, 1) if nesterov else momentum
-    momentum = optax.tree.cast(momentum, momentum_dtype) if momentum_dtype else momentum
-    dims_tree = _resolve_dimension_numbers(
-      dimension_numbers, params if params is not None else updates
-    )
+    momentum = optax.tree.cast(momentum, mu_dtype) if mu_dtype else momentum
+    dims_tree = dims_of(params if params is not None else updates)
     leaves, treedef = jax.tree.flatten(direction)
     dims = treedef.flatten_up_to(dims_tree)
 
@@ -326,17 +400,23 @@ def scale_by_muon(
 ADAM_NAMES = ("embed", "embedding", "wte", "tok_embeddings", "head", "lm_head", "output")
 
 
-def muon_labels(params, adam_names: Sequence[str] = ADAM_NAMES):
-  """Labels "muon" for hidden matrices (rank >= 2), "adam" for the rest.
+def muon_labels(
+  params: Any,
+  adam_names: Sequence[str] = ADAM_NAMES,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+) -> Any:
+  """Labels "muon" for hidden matrices, "adam" for the rest.
 
-  A leaf goes to AdamW when its rank is < 2 (norm gains, biases, scalars) or
-  any key of its path is in `adam_names` (embedding, untied output head).
+  A leaf goes to AdamW when its per-layer rank (`muloco_jax.layout.layer_ndim`)
+  is < 2 (norm gains, stacked or not; biases; scalars) or a component of its
+  path is in `adam_names` (embedding, untied output head).
   """
   names = set(adam_names)
 
   def label(path, leaf):
-    keys = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
-    return "adam" if jnp.ndim(leaf) < 2 or keys & names else "muon"
+    vector = layout.layer_ndim(path, leaf, stacked_axes=stacked_axes) < 2
+    return "adam" if vector or names & set(layout.path_names(path)) else "muon"
 
   return jax.tree_util.tree_map_with_path(label, params)
 
@@ -350,47 +430,94 @@ def _check_float_params(params):
       )
 
 
+def _restrict_to_muon_leaves(dims_tree):
+  """A full-params tree of dimension numbers as a function of the masked Muon subtree."""
+
+  def restricted(masked_params):
+    return jax.tree.map(
+      lambda m, d: m if isinstance(m, optax.MaskedNode) else d,
+      masked_params,
+      dims_tree,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+
+  return restricted
+
+
 def muon(
   learning_rate: optax.ScalarOrSchedule,
+  *,
+  ns_coeffs: Schedule = "classic",
+  ns_steps: int = 5,
   beta: float = 0.95,
-  nesterov: bool = True,
+  eps: float = 1e-7,
   weight_decay: float = 0.0,
-  weight_decay_mask: Any = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
+  weight_decay_mask: Any = layout.matrix_mask,
+  mu_dtype: Any = None,
+  nesterov: bool = True,
   adam_b1: float = 0.9,
   adam_b2: float = 0.99,
-  adam_eps: float = 1e-8,
   adam_learning_rate: optax.ScalarOrSchedule | None = None,
+  muon_weight_dimension_numbers: Any = None,
+  adam_eps: float = 1e-8,
   labels: Callable[[Any], Any] = muon_labels,
-  momentum_dtype: Any = None,
-  schedule: Schedule = "classic",
-  ns_steps: int = 5,
   compute_dtype: Any = None,
   scale: str = "spectral",
-  dimension_numbers: Any = None,
-  eps: float = 1e-7,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
 ) -> optax.GradientTransformation:
-  """Muon on hidden matrices, AdamW on everything else (arXiv 2505.23725).
+  """Muon on hidden matrices, AdamW on everything else: MuLoCo's inner optimizer.
 
-  For a leaf labelled "muon":  p <- p (1 - lr wd) - lr * scale_by_muon(g);
-  for a leaf labelled "adam":  p <- p (1 - lr_adam wd) - lr_adam * adam(g)
+  MuLoCo (arXiv 2505.23725) uses, for a leaf labelled "muon",
+
+    p <- p (1 - lr wd) - lr * scale_by_muon(g)
+
+  (momentum beta, Nesterov, Newton-Schulz orthogonalization of every
+  per-layer (fan_in, fan_out) matrix, spectral shape scale sqrt(fan_out /
+  fan_in)), and for a leaf labelled "adam"
+
+    p <- p (1 - lr_adam wd) - lr_adam * m_hat / (sqrt(v_hat) + adam_eps)
+
   with Adam betas (0.9, 0.99) and eps 1e-8 as in the paper.  Weight decay is
-  decoupled and applies where `weight_decay_mask` is True (default: rank >= 2).
-  `learning_rate` (and `adam_learning_rate`, default the same) may be an optax
-  schedule.  `labels` maps the params to a tree of "muon"/"adam" (default
-  `muon_labels`).  The remaining arguments go to `scale_by_muon`.
+  decoupled and applies where `weight_decay_mask` is True (default
+  `muloco_jax.layout.matrix_mask`: per-layer rank >= 2; optax's default None
+  would decay every leaf).  `learning_rate` (and `adam_learning_rate`, default
+  the same) may be an optax schedule.  `labels` maps the params to a tree of
+  "muon"/"adam" (default `muon_labels`: per-layer rank < 2 and the embedding /
+  head go to AdamW).  Every per-leaf decision sees the per-layer shape, so a
+  scanned model (leading layer axis) gets the same update as the unscanned one.
+
+  Everything after `learning_rate` is keyword-only.  Names follow
+  `optax.contrib.muon`: `ns_coeffs` ("classic", "muloco", one (a, b, c) triple
+  or a sequence of triples), `ns_steps`, `beta`, `eps` (Newton-Schulz),
+  `weight_decay`, `weight_decay_mask`, `mu_dtype` (momentum dtype),
+  `nesterov`, `adam_b1`, `adam_b2`, `adam_learning_rate` and
+  `muon_weight_dimension_numbers` (one `MuonDimensionNumbers`, a tree of them
+  over the full params with None for the default, or a function of the Muon
+  params; see `dimension_numbers_tree`).  Our own: `adam_eps`, `labels`,
+  `compute_dtype` (Newton-Schulz dtype), `scale` (see `shape_scale`) and
+  `stacked_axes` (the rule for a leaf's leading layer axes, also used by the
+  default `labels` and `weight_decay_mask`).
   """
   adam_learning_rate = learning_rate if adam_learning_rate is None else adam_learning_rate
+  if labels is muon_labels:
+    labels = functools.partial(muon_labels, stacked_axes=stacked_axes)
+  if weight_decay_mask is layout.matrix_mask:
+    weight_decay_mask = functools.partial(layout.matrix_mask, stacked_axes=stacked_axes)
+  dims = muon_weight_dimension_numbers
+  if dims is not None and not callable(dims) and not isinstance(dims, MuonDimensionNumbers):
+    dims = _restrict_to_muon_leaves(dims)
   muon_part = optax.chain(
     scale_by_muon(
-      beta=beta,
-      nesterov=nesterov,
-      momentum_dtype=momentum_dtype,
-      schedule=schedule,
+      ns_coeffs=ns_coeffs,
       ns_steps=ns_steps,
+      beta=beta,
+      eps=eps,
+      mu_dtype=mu_dtype,
+      nesterov=nesterov,
+      weight_dimension_numbers=dims,
       compute_dtype=compute_dtype,
       scale=scale,
-      dimension_numbers=dimension_numbers,
-      eps=eps,
+      stacked_axes=stacked_axes,
     ),
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),

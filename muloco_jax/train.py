@@ -9,6 +9,7 @@ an outer sync every H steps (MuLoCo when the inner optimizer is Muon).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import signal
@@ -32,6 +33,7 @@ from muloco_jax import checkpoint as checkpoint_lib
 from muloco_jax import config as config_lib
 from muloco_jax import data as data_lib
 from muloco_jax import diloco as diloco_lib
+from muloco_jax import layout
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import model as model_lib
 from muloco_jax import optim
@@ -78,16 +80,15 @@ def make_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
   )
 
 
-def _decay_matrices(params):
-  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
-
-
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The (inner) optimizer of `config.optimizer`, with clipping and the lr schedule.
 
-  Weight decay is decoupled (p <- p (1 - lr wd)) and applies to matrices.  With
+  Weight decay is decoupled (p <- p (1 - lr wd), never through momentum or Adam's
+  moments) and applies where `layout.matrix_mask` is True (per-layer rank >= 2, so
+  scanned and unscanned models decay the same leaves).  With
   `diloco.weight_decay_reference_batch` = R > 0 it is rescaled by the per-worker
-  batch, wd * (B / K) / R, as in the paper.
+  batch, wd * (B / K) / R, as in the paper.  SGD: m <- mu m + g (Nesterov:
+  d = g + mu m, else d = m); p <- p - lr (d + wd p).
   """
   opt = config.optimizer
   schedule = make_schedule(opt, config.train.num_steps)
@@ -97,7 +98,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     weight_decay *= per_worker / config.diloco.weight_decay_reference_batch
   if opt.name == "adamw":
     core = optax.adamw(
-      schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=weight_decay, mask=_decay_matrices
+      schedule,
+      b1=opt.b1,
+      b2=opt.b2,
+      eps=opt.eps,
+      weight_decay=weight_decay,
+      mask=layout.matrix_mask,
     )
   elif opt.name == "muon":
     adam_lr = None
@@ -114,15 +120,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       adam_b2=opt.b2,
       adam_eps=opt.eps,
       adam_learning_rate=adam_lr,
-      schedule=opt.ns_schedule,
+      ns_coeffs=opt.ns_schedule,
       ns_steps=opt.ns_steps,
       compute_dtype=jnp.dtype(opt.ns_dtype),
       scale=opt.muon_scale,
     )
   elif opt.name == "sgd":
     core = optax.chain(
-      optax.add_decayed_weights(weight_decay, _decay_matrices),
-      optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov),
+      optax.trace(decay=opt.momentum, nesterov=opt.nesterov),
+      optax.add_decayed_weights(weight_decay, layout.matrix_mask),
+      optax.scale_by_learning_rate(schedule),
     )
   else:
     raise ValueError(f"optimizer.name={opt.name!r} is not one of {config_lib.OPTIMIZERS}.")
@@ -133,11 +140,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 # ----------------------------------------------------------------------------
 # Algorithms: how a step updates the state.
-
-
-def _place(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
-  """A global array from this process's rows (processes hold consecutive row blocks)."""
-  return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
 class TrainState(NamedTuple):
@@ -176,8 +178,9 @@ class DataParallel:
     return self._init(params)
 
   def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
+    """This process's rows of the global batch -> global arrays split over every device."""
     return {
-      k: _place(v, self.batch_sharding, (global_batch_size,) + v.shape[1:])
+      k: diloco_lib.place_rows(v, self.batch_sharding, (global_batch_size,) + v.shape[1:])
       for k, v in local_batch.items()
     }
 
@@ -201,7 +204,7 @@ class DiLoCoAlgorithm:
   evaluated shared parameters include every inner step.
   """
 
-  def __init__(self, loss_fn, inner_tx, config: ml_collections.ConfigDict, param_shapes):
+  def __init__(self, loss_fn, inner_tx, config: ml_collections.ConfigDict, param_shapes, mesh):
     d, c = config.diloco, config.compression
     outer_tx = diloco_lib.outer_optimizer(d.outer_lr, d.outer_momentum, d.outer_nesterov)
     fragments = (
@@ -224,7 +227,7 @@ class DiLoCoAlgorithm:
       inner_tx,
       outer_tx,
       d.num_workers,
-      data_parallelism=d.data_parallelism,
+      mesh,
       average=average,
       fragments=fragments,
       error_feedback=compressed and c.error_feedback,
@@ -246,18 +249,13 @@ class DiLoCoAlgorithm:
     return self.diloco.init(params)
 
   def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
-    k = self.num_workers
-    per_worker = global_batch_size // k
-
-    def place(v):
-      local = v.reshape((-1, per_worker) + v.shape[1:]) if v.shape[0] >= per_worker else v[None]
-      return _place(local, self.diloco.batch_sharding, (k, per_worker) + v.shape[1:])
-
-    return {name: place(v) for name, v in local_batch.items()}
+    """This process's rows of the global batch -> ``[K, B/K, ...]`` global arrays."""
+    return self.diloco.shard_batch(local_batch, global_batch_size)
 
   def train_step(self, state, batch, step: int, final: bool):
+    # Per-worker [K] metrics stay on the device; the loop averages them when it logs.
     state, inner = self.diloco.inner_step(state, batch)
-    metrics = {"train_loss": jnp.mean(inner["loss"]), "grad_norm": jnp.mean(inner["grad_norm"])}
+    metrics = {"train_loss": inner["loss"], "grad_norm": inner["grad_norm"]}
     due = [
       f for f, offset in enumerate(self.offsets) if final or (step - offset) % self.sync_every == 0
     ]
@@ -280,10 +278,19 @@ class DiLoCoAlgorithm:
     return state.params
 
 
-def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes):
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The run's ("worker", "data") mesh over every device (see `diloco.mesh_for_workers`)."""
   if config.diloco.num_workers == 0:
-    return DataParallel(loss_fn, tx, diloco_lib.make_mesh(1, jax.device_count()))
-  return DiLoCoAlgorithm(loss_fn, tx, config, param_shapes)
+    return diloco_lib.make_mesh(1, jax.device_count())
+  return diloco_lib.mesh_for_workers(
+    config.diloco.num_workers, data_parallelism=config.diloco.data_parallelism
+  )
+
+
+def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes, mesh):
+  if config.diloco.num_workers == 0:
+    return DataParallel(loss_fn, tx, mesh)
+  return DiLoCoAlgorithm(loss_fn, tx, config, param_shapes, mesh)
 
 
 def fetch(tree):
@@ -328,7 +335,11 @@ def make_evaluate(loss_fn, mesh, data: data_lib.LMData, config: ml_collections.C
     )
     losses = [
       eval_loss(
-        params, {k: _place(v, sharding, (batch_size,) + v.shape[1:]) for k, v in batch.items()}
+        params,
+        {
+          k: diloco_lib.place_rows(v, sharding, (batch_size,) + v.shape[1:])
+          for k, v in batch.items()
+        },
       )
       for batch in iterator
     ]
@@ -342,7 +353,9 @@ class Preemption:
   """Turns SIGTERM into a request the loop honours after the current step.
 
   Every process must stop at the same step, so with several processes the
-  request is all-gathered each step (one tiny collective).
+  request is all-gathered, but only at the steps the loop already waits for
+  the device (log and checkpoint steps): a collective every step would stop the
+  host from dispatching ahead.
   """
 
   def __init__(self):
@@ -363,10 +376,47 @@ class Preemption:
     logging.warning("SIGTERM: saving a checkpoint after the current step, then exiting.")
     self._requested = True
 
-  def requested(self) -> bool:
+  def requested(self, agree: bool) -> bool:
+    """Whether to stop now; with several processes only when `agree` (a step all poll at)."""
     if jax.process_count() == 1:
       return self._requested
+    if not agree:
+      return False
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self._requested))))
+
+
+class Console:
+  """What a run shows: a tqdm bar on a terminal, otherwise one line every `log_every` steps.
+
+  Only the primary process shows anything; library INFO logs are the launcher's business
+  (off unless `--verbosity` asks).
+  """
+
+  def __init__(self, tc: ml_collections.ConfigDict, start_step: int, enabled: bool):
+    self._total, self._enabled = tc.num_steps, enabled
+    self._bar = tqdm.tqdm(
+      total=tc.num_steps,
+      initial=start_step,
+      unit="step",
+      dynamic_ncols=True,
+      disable=not (tc.progress_bar and enabled and sys.stderr.isatty()),
+    )
+
+  def step(self) -> None:
+    self._bar.update(1)
+
+  def log(self, step: int, loss: float, step_time: float, tokens_per_sec: float) -> None:
+    if not self._bar.disable:
+      self._bar.set_postfix(loss=f"{loss:.3f}")
+    elif self._enabled:
+      eta = datetime.timedelta(seconds=round(step_time * (self._total - step)))
+      print(
+        f"step {step}/{self._total}  loss {loss:.4f}  {tokens_per_sec:,.0f} tokens/s  ETA {eta}",
+        flush=True,
+      )
+
+  def close(self) -> None:
+    self._bar.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -376,6 +426,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config_lib.validate(config)
   tc = config.train
+  mesh = make_mesh(config)
+  num_workers = max(config.diloco.num_workers, 1)
+  diloco_lib.check_batch_size("train.batch_size", tc.batch_size, num_workers, mesh)
+  diloco_lib.check_batch_size(
+    "train.eval_batch_size", tc.eval_batch_size or tc.batch_size, mesh.shape["worker"], mesh
+  )
   data = data_lib.get_dataset(config.data)
   model = make_model(config, data.vocab_size)
   loss_fn = make_loss_fn(model)
@@ -384,86 +440,115 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Jitted: eager init would compile every op of every layer's initialiser separately.
   init_params = jax.jit(functools.partial(model_lib.init_params, model.config))
   rng = jax.random.key(config.seed)
-  algorithm = make_algorithm(config, loss_fn, tx, jax.eval_shape(init_params, rng))
-  devices = algorithm.mesh.size
-  eval_batch = tc.eval_batch_size or tc.batch_size
-  for name, size in (("train.batch_size", tc.batch_size), ("train.eval_batch_size", eval_batch)):
-    if size % devices:
-      raise ValueError(f"{name}={size} must be divisible by the {devices} devices of the mesh.")
-
+  algorithm = make_algorithm(config, loss_fn, tx, jax.eval_shape(init_params, rng), mesh)
   state = algorithm.init(init_params(rng))
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpoint_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"), tc.keep_checkpoints
+    os.path.join(workdir, "checkpoints"),
+    tc.keep_checkpoints,
+    config_path=os.path.join(workdir, checkpoint_lib.CONFIG_FILE),
   )
-  writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
+  try:
+    # Before anything under the workdir changes: a checkpoint of another state layout (model
+    # size, K, optimizer...) raises IncompatibleCheckpointError here, leaving it all in place.
+    restored = checkpointer.restore_latest(state, config)
+  except BaseException:
+    checkpointer.close()
+    raise
+  checkpointer.write_config(config)
   iterator = data.train_iterator(
     tc.batch_size, config.seed, jax.process_index(), jax.process_count()
   )
   start_step, comm_bytes_total = 0, 0.0
-  restored = checkpointer.restore_latest(state)
   if restored is not None:
     start_step, state, meta = restored
     iterator.set_state(meta["data_iterator"])
     comm_bytes_total = meta["comm_bytes_total"]
     logging.info("Resumed from the checkpoint at step %d.", start_step)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
   writer.truncate_after(start_step)
   evaluate = make_evaluate(loss_fn, algorithm.mesh, data, config)
 
   tokens_per_step = tc.batch_size * config.data.seq_len
-  progress = tqdm.tqdm(
-    total=tc.num_steps,
-    initial=start_step,
-    unit="step",
-    dynamic_ncols=True,
-    disable=not (tc.progress_bar and primary and sys.stderr.isatty()),
-  )
+  console = Console(tc, start_step, primary)
+  # Records of steps whose device values are not read yet: reading them makes the host wait
+  # for the device, so it happens at log and checkpoint steps only.
+  pending: list[tuple[int, dict]] = []
   record: dict = {}
   preempted = False
+
+  def drain(current_step: int | None = None) -> dict:
+    """Reads the pending records and writes them, except `current_step`'s, which it returns."""
+    nonlocal comm_bytes_total
+    current = {}
+    for logged_step, device_record in fetch(pending):
+      host_record = {k: v for k, v in device_record.items() if k != "syncs"}
+      if device_record.get("syncs"):
+        host_record.update(_sync_record(device_record["syncs"]))
+        comm_bytes_total += float(host_record["sync_bytes"])
+        host_record["comm_bytes_total"] = comm_bytes_total
+      for name in ("train_loss", "grad_norm"):  # per-worker vectors under DiLoCo
+        if name in host_record:
+          host_record[name] = float(np.mean(host_record[name]))
+      if logged_step == current_step:
+        current = host_record
+      else:
+        writer.write(logged_step, host_record)
+    pending.clear()
+    return current
+
   timer_step, timer_start = start_step, time.perf_counter()
+  batch = algorithm.place_batch(next(iterator), tc.batch_size)
   with Preemption() as preemption, contextlib.ExitStack() as cleanup:
     # On any exit, exceptions included: finish the checkpoint saves already started.
     cleanup.callback(writer.close)
     cleanup.callback(checkpointer.close)
     cleanup.callback(checkpointer.wait)
-    cleanup.callback(progress.close)
+    cleanup.callback(console.close)
     for step in range(start_step + 1, tc.num_steps + 1):
       final = step == tc.num_steps
-      batch = algorithm.place_batch(next(iterator), tc.batch_size)
-      state, metrics, sync_metrics = algorithm.train_step(state, batch, step, final)
-      record = {}
-      if sync_metrics:
-        record.update(_sync_record(sync_metrics))
-        comm_bytes_total += float(record["sync_bytes"])
-        record["comm_bytes_total"] = comm_bytes_total
-      if step % tc.log_every == 0 or final:
-        metrics = fetch(metrics)
+      log_step = step % tc.log_every == 0 or final
+      eval_step = step % tc.eval_every == 0 or final
+      save_step = step % tc.checkpoint_every == 0 or final
+      state, metrics, syncs = algorithm.train_step(state, batch, step, final)
+      data_state = iterator.get_state()  # the position after this step's batch
+      if not final:  # prepare the next batch while the device runs this step
+        batch = algorithm.place_batch(next(iterator), tc.batch_size)
+      device_record = {"syncs": syncs} if syncs else {}
+      if log_step:
+        device_record.update(metrics)
+      if device_record:
+        pending.append((step, device_record))
+      if log_step or eval_step:
+        record = drain(step)
+      if log_step:
         step_time = (time.perf_counter() - timer_start) / (step - timer_step)
         record.update(
-          metrics,
           lr=float(schedule(step - 1)),
           step_time=step_time,
           tokens_per_sec=tokens_per_step / step_time,
         )
-        progress.set_postfix(loss=f"{float(metrics['train_loss']):.3f}")
-      if step % tc.eval_every == 0 or final:
+        console.log(step, record["train_loss"], step_time, record["tokens_per_sec"])
+      if eval_step:
         record.update(evaluate(algorithm.params(state)))
-      writer.write(step, record)
-      preempted = preemption.requested()
-      if step % tc.checkpoint_every == 0 or final or preempted:
+      if log_step or eval_step:
+        writer.write(step, record)
+      preempted = preemption.requested(agree=log_step or save_step)
+      if save_step or preempted:
+        drain()
         checkpointer.save(
           step,
           state,
-          {"data_iterator": iterator.get_state(), "comm_bytes_total": comm_bytes_total},
+          {"data_iterator": data_state, "comm_bytes_total": comm_bytes_total},
           force=preempted,
         )
       if preempted:
         break
-      if step % tc.log_every == 0 or step == start_step + 1:
+      if log_step or step == start_step + 1:
         jax.block_until_ready(state)  # time the next window without compilation, eval or saves
         timer_step, timer_start = step, time.perf_counter()
-      progress.update(1)
+      console.step()
   if primary and preempted:
     print(
       f"Preempted: saved the checkpoint of step {step} in {workdir}; run the same command "

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from muloco_jax import compression as C
+from muloco_jax import layout
 
 STAT32 = functools.partial(C.CompressionSpec, "statistical", table_dtype="float32")
 
@@ -416,3 +417,113 @@ def test_shard_map_all_gather_and_decode():
   expected = np.mean([_encode_decode(x[k], spec)[1] for k in range(4)], axis=0)
   for k in range(4):
     np.testing.assert_allclose(out[k], expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- stacked layers
+
+
+def _unscanned_tree(rng, layers=3, d=16, hidden=40):
+  f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  block = lambda: {
+    "attn": {"q": {"kernel": f(d, d)}, "q_norm": {"scale": f(8)}},
+    "mlp": {"up": {"kernel": f(d, hidden)}, "down": {"kernel": f(hidden, d)}},
+    "mlp_norm": {"scale": f(d)},
+  }
+  tree = {f"layers_{i}": block() for i in range(layers)}
+  return tree | {"embedding": {"embedding": f(32, d)}, "final_norm": {"scale": f(d)}}
+
+
+@pytest.mark.parametrize(
+  "spec",
+  [
+    C.CompressionSpec("statistical", 2),
+    C.CompressionSpec("statistical", 4, per_row=False),
+    C.CompressionSpec("linear", 2),
+    C.CompressionSpec("topk", topk_fraction=0.1),
+  ],
+  ids=lambda s: f"{s.kind}{s.bits}{'row' if s.per_row else 'tensor'}",
+)
+def test_stacked_leaves_are_compressed_per_layer(spec):
+  """A scanned tree (layers/... with a leading L axis) is sent exactly as the unscanned one:
+  per-layer rows, per-layer statistics and k, stacked norm gains uncompressed."""
+  tree = _unscanned_tree(_rng(12))
+  stacked = layout.stack_layers(tree)
+
+  @jax.jit
+  def both_layouts(tree, stacked):
+    ef = lambda t: C.error_feedback_tree(C.init_error(t), t, spec, 0.9)[1]
+    stacked_payloads = C.compress_tree(stacked, spec)
+    return {
+      "payloads": C.compress_tree(tree, spec),
+      "stacked_payloads": stacked_payloads,
+      "decoded": C.decompress_tree(stacked_payloads, spec, stacked),
+      "expected": layout.stack_layers(C.roundtrip_tree(tree, spec)),
+      "error": layout.stack_layers(ef(tree)),
+      "stacked_error": ef(stacked),
+      "rel_error": C.relative_compression_error(tree, spec),
+      "stacked_rel_error": C.relative_compression_error(stacked, spec),
+    }
+
+  out = both_layouts(tree, stacked)
+  payloads, stacked_payloads = out["payloads"], out["stacked_payloads"]
+  assert set(stacked_payloads["layers"]["mlp_norm"]["scale"]) == {"values"}
+  assert set(stacked_payloads["layers"]["attn"]["q_norm"]["scale"]) == {"values"}
+  # Layer i of every stacked payload is the unscanned layer i's payload.
+  for i in range(3):
+    layer_i = jax.tree_util.tree_map(lambda x: x[i], stacked_payloads["layers"])
+    jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      layer_i,
+      payloads[f"layers_{i}"],
+    )
+  # Same bytes on the wire, and the closed form still matches the payload.
+  assert C.payload_nbytes(stacked_payloads) == C.payload_nbytes(payloads)
+  assert C.tree_compressed_nbytes(stacked, spec) == C.payload_nbytes(stacked_payloads)
+  assert C.tree_compressed_nbytes(tree, spec) == C.payload_nbytes(payloads)
+  # Decoding, error feedback and the relative error agree per layer.
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  jax.tree_util.tree_map(close, out["decoded"], out["expected"])
+  gain = stacked["layers"]["mlp_norm"]["scale"]
+  np.testing.assert_array_equal(out["decoded"]["layers"]["mlp_norm"]["scale"], gain)
+  jax.tree_util.tree_map(close, out["error"], out["stacked_error"])
+  np.testing.assert_allclose(out["stacked_rel_error"], out["rel_error"], rtol=1e-5)
+
+
+def test_exclusion_rules_use_the_per_layer_rank():
+  tree = layout.stack_layers(_unscanned_tree(_rng(13)))
+  specs = C.leaf_specs(tree, C.CompressionSpec("statistical", 2))
+  assert specs["layers"]["mlp_norm"]["scale"] == C.NO_COMPRESSION
+  assert specs["layers"]["mlp"]["up"]["kernel"].kind == "statistical"
+  paper = C.leaf_specs(tree, C.CompressionSpec("linear", 2), C.exclude_vectors_embedding_head)
+  assert paper["embedding"]["embedding"] == C.NO_COMPRESSION
+  assert paper["layers"]["attn"]["q"]["kernel"].kind == "linear"
+  # A replaced stacked-axes rule reaches the built-in exclusion rules: with no stacked axes a
+  # stacked gain (L, d) is a matrix again.
+  no_stack = lambda path, leaf: 0
+  specs = C.leaf_specs(tree, C.CompressionSpec("statistical", 2), stacked_axes=no_stack)
+  assert specs["layers"]["mlp_norm"]["scale"].kind == "statistical"
+
+
+def test_relative_error_and_error_feedback_off():
+  tree = _model_tree(_rng(14))
+  spec = C.CompressionSpec("statistical", 2)
+
+  @jax.jit
+  def run(tree):
+    decoded = C.roundtrip_tree(tree, spec)
+    # Error feedback off: C(delta) is sent and the buffer (any placeholder) comes back as is.
+    off = C.error_feedback_tree({}, tree, spec, 0.9, use_ef=False)
+    return {
+      "relative_error": C.relative_error(tree, decoded),
+      "relative_compression_error": C.relative_compression_error(tree, spec),
+      "exact": C.relative_error(tree, tree),
+      "off": off,
+      "payloads": C.compress_tree(tree, spec),
+    }
+
+  out = run(tree)
+  np.testing.assert_allclose(out["relative_error"], out["relative_compression_error"], rtol=1e-6)
+  assert float(out["exact"]) == 0.0
+  payloads, same = out["off"]
+  assert same == {}
+  jax.tree_util.tree_map(np.testing.assert_array_equal, payloads, out["payloads"])

@@ -199,7 +199,8 @@ def test_inner_step_has_no_collectives():
   state = trainer.init(make_params())
   batch = trainer.shard_batch(make_batch(0, 16))
   inner_hlo = trainer._inner_step.lower(state, batch).compile().as_text()
-  outer_hlo = trainer._outer_syncs[0].lower(state, trainer._all_active).compile().as_text()
+  active = diloco.place_rows(np.ones(4, bool), trainer.active_sharding, (4,))
+  outer_hlo = trainer._outer_syncs[0].lower(state, active).compile().as_text()
   assert not COLLECTIVE.findall(inner_hlo)
   assert "all-reduce" in outer_hlo
 
@@ -444,3 +445,71 @@ def test_streaming_fragments():
     assert_trees_close(after.params[key], before.params[key], rtol=0, atol=0)
     assert_trees_close(after.worker_params[key], before.worker_params[key], rtol=0, atol=0)
   assert_trees_close(after.outer_opt_state[1], before.outer_opt_state[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+  "make_inner",
+  [
+    lambda schedule: optax.sgd(schedule),
+    lambda schedule: optax.adamw(schedule, weight_decay=0.1),
+    lambda schedule: optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.5),
+  ],
+  ids=["sgd", "adamw", "inject_hyperparams"],
+)
+def test_reset_worker_keeps_its_place_in_the_lr_schedule(make_inner, request):
+  """A worker that rejoins (or went non-finite) restarts its moments, not its lr schedule."""
+  k = 2
+  inner = make_inner(optax.linear_schedule(0.0, 0.5, transition_steps=10))
+  trainer = diloco.DiLoCo(
+    loss_fn, inner, diloco.outer_optimizer(0.7, 0.9), k, diloco.make_mesh(2, 1)
+  )
+  state = trainer.init(make_params())
+
+  def same_batch_for_every_worker(step):
+    return trainer.shard_batch(jax.tree.map(lambda x: np.concatenate([x] * k), make_batch(step, 8)))
+
+  for h in range(4):
+    state, _ = trainer.inner_step(state, same_batch_for_every_worker(h))
+  state, metrics = trainer.outer_sync(state, active=np.array([True, False]))  # worker 1 was lost
+  np.testing.assert_array_equal(metrics["worker_opt_state_reset"], [False, True])
+  state, _ = trainer.inner_step(state, same_batch_for_every_worker(4))
+  state = host(state)
+  # Every schedule position is the others' (Adam's bias-correction count restarts with its
+  # moments: a fresh Adam).
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  no_adam = jax.tree.map(
+    lambda x: None if is_adam(x) else x, state.worker_opt_state, is_leaf=is_adam
+  )
+  counts = [leaf for leaf in jax.tree.leaves(no_adam) if leaf.dtype.kind == "i"]
+  assert counts
+  for count in counts:
+    np.testing.assert_array_equal(count, [5, 5])
+  if request.node.callspec.id == "sgd":
+    # Both workers start the round from theta and take -lr g on the same batch: equal
+    # parameters mean equal learning rates.
+    for leaf in jax.tree.leaves(state.worker_params):
+      np.testing.assert_allclose(leaf[0], leaf[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+  "num_workers, data_parallelism, shape",
+  [(4, 0, (4, 2)), (3, 0, (1, 8)), (16, 0, (8, 1)), (2, 0, (2, 4)), (4, 4, (2, 4)), (1, 0, (1, 8))],
+)
+def test_mesh_for_workers_uses_every_device(num_workers, data_parallelism, shape):
+  trainer = diloco.DiLoCo(
+    loss_fn,
+    optax.sgd(0.1),
+    diloco.outer_optimizer(),
+    num_workers,
+    data_parallelism=data_parallelism,
+  )
+  assert trainer.mesh.size == len(jax.devices()) == 8
+  assert (trainer.mesh.shape["worker"], trainer.mesh.shape["data"]) == shape
+  assert set(trainer.mesh.devices.flat) == set(jax.devices())
+
+
+def test_mesh_for_workers_refuses_a_layout_that_leaves_devices_out():
+  with pytest.raises(ValueError, match=r"diloco.data_parallelism=3 .* one of \[2, 4, 8\]"):
+    diloco.mesh_for_workers(4, data_parallelism=3)
+  with pytest.raises(ValueError, match=r"diloco.data_parallelism=1 .* one of \[2, 4, 8\]"):
+    diloco.mesh_for_workers(4, data_parallelism=1)

@@ -69,3 +69,31 @@ def test_unknown_config_key_fails(tmp_path):
   assert "bogus" in result.stderr and "--config.train.bogus" in result.stderr, result.stderr
   assert "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "workdir")
+
+
+def test_quiet_terminal(tmp_path):
+  """20 steps with two checkpoints: progress lines and the summary, no library INFO logs."""
+  result = _launch(
+    tmp_path,
+    "--config.train.num_steps=20",
+    "--config.train.batch_size=8",
+    "--config.data.seq_len=32",
+    "--config.data.tokenizer=byte",
+    "--config.optimizer.warmup_steps=2",
+    "--config.diloco.num_workers=2",
+    "--config.diloco.sync_every=5",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=10",
+    "--config.train.eval_steps=2",
+    "--config.train.checkpoint_every=10",
+  )
+  assert result.returncode == 0, result.stderr[-5000:]
+  lines = (result.stdout + result.stderr).splitlines()
+  assert len(lines) <= 30, "\n".join(lines)
+  progress = [line for line in lines if line.startswith("step ")]
+  assert len(progress) == 4, lines
+  for line, step in zip(progress, (5, 10, 15, 20)):
+    assert re.fullmatch(
+      rf"step {step}/20  loss {NUMBER}  [0-9,]+ tokens/s  ETA \d+:\d\d:\d\d", line
+    ), line
+  assert sorted(os.listdir(tmp_path / "workdir" / "checkpoints")) == ["10", "20"]

@@ -64,10 +64,13 @@ def _wait(processes, timeout=400):
   return outputs
 
 
-@pytest.mark.slow  # ~100 s: three launcher runs; tests/test_diloco.py covers two processes quickly
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.slow  # ~100 s each: three launcher runs; tests/test_diloco.py covers two processes
+@pytest.mark.parametrize(
+  "method", [[], ["--config.diloco.num_workers=0"]], ids=["muloco_k4", "data_parallel_muon"]
+)
+def test_two_processes_match_one(tmp_path, method):
   data_dir = tmp_path / "data"
-  _wait([_start(tmp_path / "single", data_dir, 4)])  # builds the dataset too
+  _wait([_start(tmp_path / "single", data_dir, 4, *method)])  # builds the dataset too
   coordinator = f"localhost:{_free_port()}"
   _wait(
     [
@@ -78,6 +81,7 @@ def test_two_processes_match_one(tmp_path):
         f"--coordinator_address={coordinator}",
         "--num_processes=2",
         f"--process_id={i}",
+        *method,
       )
       for i in range(2)
     ]

@@ -1,5 +1,7 @@
 """Tests for Muon (muloco_jax.optim): Newton-Schulz, scale_by_muon and the full optimizer."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,14 +221,16 @@ def test_vmap_over_independent_problems():
 def test_dimension_numbers_and_scale_rules():
   x = {"w": jax.random.normal(jax.random.key(7), (4, 6, 5))}  # (out_a, in, out_b)
   dn = muloco_jax.MuonDimensionNumbers(reduction_axis=1, output_axis=(0, 2))
-  tx = muloco_jax.scale_by_muon(beta=0.0, nesterov=False, dimension_numbers=dn, scale="moonlight")
+  tx = muloco_jax.scale_by_muon(
+    beta=0.0, nesterov=False, weight_dimension_numbers=dn, scale="moonlight"
+  )
   u, _ = tx.update(x, tx.init(x), x)
   matrix = jnp.transpose(x["w"], (1, 0, 2)).reshape(6, 20)
   expected = 0.2 * np.sqrt(20) * muloco_jax.orthogonalize(matrix)
   np.testing.assert_allclose(jnp.transpose(u["w"], (1, 0, 2)).reshape(6, 20), expected, atol=1e-5)
   assert muloco_jax.fan_in_fan_out(x["w"], dn) == (6, 20)
   # Momentum in bfloat16 is kept in bfloat16.
-  tx16 = muloco_jax.scale_by_muon(momentum_dtype=jnp.bfloat16)
+  tx16 = muloco_jax.scale_by_muon(mu_dtype=jnp.bfloat16, weight_dimension_numbers=dn)
   _, state = tx16.update(x, tx16.init(x), x)
   assert state.momentum["w"].dtype == jnp.bfloat16
 
@@ -238,7 +242,7 @@ def test_bad_inputs_raise():
     force_muon = lambda p: jax.tree.map(lambda _: "muon", p)
     muloco_jax.muon(0.1, labels=force_muon).init({"w": jnp.ones((3, 3)), "scale": jnp.ones(())})
   with pytest.raises(ValueError, match="schedule"):
-    muloco_jax.muon(0.1, schedule=[(1.0, 2.0, "x")])
+    muloco_jax.muon(0.1, ns_coeffs=[(1.0, 2.0, "x")])
   with pytest.raises(ValueError, match="scale rule"):
     muloco_jax.muon(0.1, scale="adam")
 
@@ -289,3 +293,50 @@ def test_muon_beats_tuned_sgd_and_adamw_on_an_mlp():
     "muon": final_losses(muloco_jax.muon, lrs).min(),
   }
   assert best["muon"] < 0.5 * min(best["sgd"], best["adamw"]), best
+
+
+def test_muon_options_are_keyword_only():
+  with pytest.raises(TypeError):
+    muloco_jax.muon(0.1, 0.9)
+  with pytest.raises(TypeError):
+    muloco_jax.scale_by_muon(0.9)
+  # optax's names; one (a, b, c) triple is repeated ns_steps times, as in optax.
+  x = {"w": jax.random.normal(jax.random.key(8), (6, 10))}
+  triple = muloco_jax.scale_by_muon(ns_coeffs=muon_lib.CLASSIC_COEFFICIENTS, ns_steps=3)
+  named = muloco_jax.scale_by_muon(ns_coeffs="classic", ns_steps=3)
+  np.testing.assert_allclose(
+    triple.update(x, triple.init(x), x)[0]["w"], named.update(x, named.init(x), x)[0]["w"]
+  )
+
+
+def test_rank3_leaf_needs_dimension_numbers():
+  """A leaf of per-layer rank > 2 has no default matrix view: ValueError naming it."""
+  params = {
+    "attn": {"qkv": {"kernel": jax.random.normal(jax.random.key(9), (8, 2, 4))}},
+    "norm": jnp.ones(8),
+  }
+  with pytest.raises(ValueError, match=re.escape("['attn']['qkv']['kernel']")):
+    muloco_jax.muon(0.1).init(params)
+  with pytest.raises(ValueError, match=re.escape("['w']")):
+    muloco_jax.scale_by_muon().init({"w": jnp.ones((3, 4, 5))})
+  # Explicit dimension numbers: one for every leaf, or a tree over the full params (None:
+  # not given) as optax's `muon_weight_dimension_numbers`.
+  dn = muloco_jax.MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+  kernel = params["attn"]["qkv"]["kernel"]
+  expected = np.sqrt(8 / 8) * muloco_jax.orthogonalize(kernel.reshape(8, 8))
+  for dims in (dn, {"attn": {"qkv": {"kernel": dn}}, "norm": None}):
+    tx = muloco_jax.muon(1.0, beta=0.0, nesterov=False, muon_weight_dimension_numbers=dims)
+    updates, _ = tx.update(params, tx.init(params), params)
+    np.testing.assert_allclose(
+      updates["attn"]["qkv"]["kernel"], -expected.reshape(8, 2, 4), atol=1e-5
+    )
+  # A stacked (scanned) kernel is a batch of per-layer matrices by default.
+  stacked = {"layers": {"kernel": jax.random.normal(jax.random.key(10), (3, 6, 10))}}
+  tx = muloco_jax.scale_by_muon(beta=0.0, nesterov=False)
+  u, _ = tx.update(stacked, tx.init(stacked), stacked)
+  for i in range(3):
+    per_layer = np.sqrt(10 / 6) * muloco_jax.orthogonalize(stacked["layers"]["kernel"][i])
+    np.testing.assert_allclose(u["layers"]["kernel"][i], per_layer, atol=1e-5)
+  # A stacked norm gain (L, d) is a vector per layer: not a matrix for Muon.
+  with pytest.raises(ValueError, match="rank >= 2 per layer"):
+    tx.init({"layers": {"scale": jnp.ones((3, 6))}})

@@ -186,8 +186,8 @@ def test_dp_resume_after_preemption_matches_uninterrupted_run(
 ):
   reference, _ = dp_run
   workdir = str(tmp_path)
-  _run_and_die_after(monkeypatch, _dp_config(data_dir), workdir, step=13)
-  assert metrics_lib.read_metrics(workdir)[-1]["step"] == 12  # logged past checkpoint 8
+  _run_and_die_after(monkeypatch, _dp_config(data_dir), workdir, step=14)
+  assert metrics_lib.read_metrics(workdir)[-1]["step"] == 14  # logged past checkpoint 8
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8"]
   train.train_and_evaluate(_dp_config(data_dir), workdir)
   assert _records(workdir) == _records(reference)
@@ -242,8 +242,10 @@ def test_muloco_resume_mid_round_matches_uninterrupted_run(
   muloco_run, data_dir, tmp_path, monkeypatch
 ):
   workdir = str(tmp_path)
-  _run_and_die_after(monkeypatch, _muloco_config(data_dir), workdir, step=7)
+  # Dies after logging step 9 (and the sync of step 8), before checkpointing step 9.
+  _run_and_die_after(monkeypatch, _muloco_config(data_dir), workdir, step=9)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]  # 6: mid-round
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir)][-2:] == [8, 9]
   train.train_and_evaluate(_muloco_config(data_dir), workdir)
   assert _records(workdir) == _records(muloco_run)  # incl. sync metrics and comm_bytes_total
   _assert_same_state(workdir, muloco_run, 10)
@@ -286,6 +288,11 @@ def _set(config, dotted, value):
       "train.batch_size",
     ),
     ({"diloco.num_workers": 4, "diloco.sync_every": 0}, "diloco.sync_every"),
+    (
+      {"diloco.num_workers": 2, "diloco.sync_every": 1, "diloco.num_fragments": 2},
+      "diloco.num_fragments",
+    ),
+    ({"diloco.num_workers": 4, "diloco.data_parallelism": 3}, "diloco.data_parallelism"),
   ],
 )
 def test_bad_setting_raises_before_compiling(

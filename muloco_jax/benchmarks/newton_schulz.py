@@ -147,7 +147,7 @@ def main(argv):
 
   # The whole set as one Muon step: momentum + Newton-Schulz on every matrix.
   grads = {str(i): m for i, m in enumerate(matrices)}
-  ours_tx = optim.scale_by_muon(schedule=coefficients, scale="none")
+  ours_tx = optim.scale_by_muon(ns_coeffs=coefficients, scale="none")
   theirs_tx = optax_muon.scale_by_muon(
     ns_coeffs=coefficients,
     eps=1e-7,

@@ -22,8 +22,17 @@ per-device programs give a load-independent check), and the outer sync's time as
 H-step round, sync / (H x inner + sync).  DP and DiLoCo windows alternate so
 that drift in a shared machine's speed hits both alike; every figure is the best
 of `--repeats` windows (other load on a shared machine only ever adds time).
+
+Table 3, the training harness against a bare jitted loop, same model and batch:
+`train.train_and_evaluate` for 2 x `--harness_steps` steps on the embedded corpus
+(byte tokens, `--batch_size` x devices sequences; the harness's own `step_time` of
+its second log window, i.e. after compilation, with data loading, metrics and the
+outer syncs every H steps) against the same algorithm's steps in a Python loop on
+one fixed batch (syncs every H steps too), timed over the same number of steps.
+Issue 11's goal: <= 1.05x.
 """
 
+import tempfile
 import time
 
 from absl import app
@@ -34,6 +43,7 @@ import numpy as np
 
 from muloco_jax import config as config_lib
 from muloco_jax import diloco as diloco_lib
+from muloco_jax import metrics as metrics_lib
 from muloco_jax import model as model_lib
 from muloco_jax import train
 
@@ -49,6 +59,9 @@ _WORKERS = flags.DEFINE_list(
 _SYNC_EVERY = flags.DEFINE_integer("sync_every", 30, "H, for the sync's share of a round.")
 _STEPS = flags.DEFINE_integer("steps", 1, "Steps per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 12, "Timed windows per measurement (best).")
+_HARNESS_STEPS = flags.DEFINE_integer(
+  "harness_steps", 30, "Steps per timed harness window (table 3; 0 skips it)."
+)
 
 
 def _config(optimizer: str):
@@ -131,6 +144,53 @@ def matmul_rate(dtype, repeats: int) -> float:
   return best
 
 
+def harness_vs_bare_loop(optimizer: str, num_workers: int) -> tuple[float, float]:
+  """(harness seconds/step, bare loop seconds/step) over `--harness_steps` steps."""
+  steps, devices = _HARNESS_STEPS.value, jax.device_count()
+  config = _config(optimizer)
+  config.data.tokenizer = "byte"
+  config.train.update(
+    num_steps=2 * steps,
+    batch_size=_BATCH.value * devices,
+    log_every=steps,
+    eval_every=2 * steps,
+    eval_steps=1,
+    checkpoint_every=2 * steps,
+    progress_bar=False,
+  )
+  config.optimizer.warmup_steps = 1
+  config.diloco.update(num_workers=num_workers, sync_every=min(_SYNC_EVERY.value, steps))
+  with tempfile.TemporaryDirectory() as workdir:
+    train.train_and_evaluate(config, workdir)
+    harness = metrics_lib.read_metrics(workdir)[-1]["step_time"]
+
+  vocab = 257  # byte tokens
+  mesh = train.make_mesh(config)
+  model = train.make_model(config, vocab)
+  params = jax.jit(lambda key: model_lib.init_params(model.config, key))(jax.random.key(0))
+  algorithm = train.make_algorithm(
+    config, train.make_loss_fn(model), train.make_optimizer(config), params, mesh
+  )
+  tokens = np.random.default_rng(0).integers(
+    0, vocab, (config.train.batch_size, _SEQ_LEN.value + 1)
+  )
+  batch = algorithm.place_batch(
+    {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)},
+    config.train.batch_size,
+  )
+  state = algorithm.init(params)
+
+  def run(state, first_step):
+    for step in range(first_step, first_step + steps):
+      state = algorithm.train_step(state, batch, step, final=False)[0]
+    return jax.block_until_ready(state)
+
+  state = run(state, 1)  # compile, as the harness's first window does
+  start = time.perf_counter()
+  run(state, steps + 1)
+  return harness, (time.perf_counter() - start) / steps
+
+
 def main(argv):
   del argv
   devices = jax.devices()
@@ -202,6 +262,11 @@ def main(argv):
         flush=True,
       )
 
+  harness_rows = []
+  if _HARNESS_STEPS.value:
+    for optimizer, k in (("muon", 0), ("muon", min(4, len(devices)))):
+      harness_rows.append((optimizer, k, *harness_vs_bare_loop(optimizer, k)))
+
   print("\n| optimizer | devices | tokens/step | step (ms) | tokens/s | MFU |")
   print("|---|---|---|---|---|---|")
   for optimizer, k, t, tps, mfu in dp_rows:
@@ -220,6 +285,16 @@ def main(argv):
       f"| {optimizer} | {k} | {1e3 * t_dp:.1f} | {1e3 * t_inner:.1f} | {ratio:.3f}x | "
       f"{flops:.4f}, {bytes_:.4f} | {1e3 * t_sync:.1f} | {100 * share:.2f}% |"
     )
+
+  if harness_rows:
+    print(
+      "\n| method | harness step (ms) | bare jitted loop step (ms) | harness / bare "
+      "(goal <= 1.05x) |"
+    )
+    print("|---|---|---|---|")
+    for optimizer, k, harness, bare in harness_rows:
+      method = f"DP {optimizer}" if k == 0 else f"DiLoCo K={k} ({optimizer})"
+      print(f"| {method} | {1e3 * harness:.1f} | {1e3 * bare:.1f} | {harness / bare:.3f}x |")
 
 
 if __name__ == "__main__":
