@@ -28,6 +28,17 @@ setuptools.setup(
     "numpy",
   ],
   extras_require={
-    "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff==0.17.6"],
+    # Compiling for TPU topologies on any host (`python -m muloco_jax.aot`): the libtpu that
+    # jax 0.10.2's own `jax[tpu]` extra names.
+    "tpu": ["libtpu==0.0.42.*"],
+    "test": [
+      "pytest",
+      "pytest-xdist",
+      "nbclient",
+      "nbformat",
+      "ipykernel",
+      "ruff==0.17.6",
+      "libtpu==0.0.42.*",  # tests/test_aot.py (the `tpu` extra)
+    ],
   },
 )

@@ -480,12 +480,11 @@ def restart_inner_state(fresh: PyTree, old: PyTree, num_workers: int) -> PyTree:
 def _granules(devices) -> tuple[int, bool]:
   """(number of groups joined by slow links, whether those groups are processes).
 
-  TPU slices (several ``slice_index`` values) are joined by the data-centre network; failing
-  that, several processes (hosts) are; one group otherwise.
+  TPU slices (``slice_index``) are joined by the data-centre network, while the hosts of one
+  slice share its chip-to-chip links; elsewhere (GPU, CPU) each process (host) is a group.
   """
-  slices = {getattr(d, "slice_index", 0) for d in devices}
-  if len(slices) > 1:
-    return len(slices), False
+  if all(hasattr(d, "slice_index") for d in devices):
+    return len({d.slice_index for d in devices}), False
   processes = {d.process_index for d in devices}
   return len(processes), len(processes) > 1
 

@@ -1,0 +1,425 @@
+"""Will a run fit on a TPU slice?  Compiles its training programs for a TPU topology, from any host.
+
+  python -m muloco_jax.aot --config=configs/NAME.py --topology=v5p:4x4x4 [--config.a.b=v]
+
+No TPU is needed: libtpu (`pip install -e ".[tpu]"`) compiles for a topology described by
+`jax.experimental.topologies`, and every input is an abstract `jax.ShapeDtypeStruct` carrying the
+sharding the run would give it, so nothing is allocated.  The programs are the ones
+`train.train_and_evaluate` runs every step, built by the same code (`train.make_algorithm` on
+`diloco.mesh_for_workers` over the topology's devices):
+
+  diloco.num_workers = 0   `train_step` (data parallelism, `DataParallel._step`);
+  diloco.num_workers = K   `inner_step` (all K workers, `DiLoCo._inner_step`) and `outer_sync`
+                           (fragment 0, `DiLoCo._outer_syncs[0]`).
+
+For each it prints the compiler's per-device memory (`Compiled.memory_analysis()`): arguments,
+outputs, aliased (donated) bytes, temporaries, generated code and the peak, against the HBM of one
+device; and, for the outer sync, the collectives of the compiled HLO (kind, count, operand bytes,
+whether they cross workers) and its async start/done pairs.  jax 0.10.2's `CompiledMemoryStats`
+has argument/output/alias/temp/generated_code_size_in_bytes (and host_ twins, all 0 here) and
+`peak_memory_in_bytes`, the high-water mark of the TPU compiler's buffer assignment: that is the
+peak used.  It is within a few percent of arguments + outputs - aliased + temporaries + code for
+large programs (some MiB above it for tiny ones); that sum stands in if a libtpu reports 0.  The
+HBM of a device is what the TPU compiler itself says is available (it names the figure, to
+10 MiB, when a probe program asks for more), else a table per chip.  A program over the HBM
+makes the TPU compiler fail with RESOURCE_EXHAUSTED: its peak is then the requirement the error
+states, and its arguments are counted from their shapes and shardings.
+
+The model's vocabulary comes from the config without loading data: `data.tokenizer="byte"` has
+257 tokens, a SentencePiece .model path its own vocabulary; with "bpe" (trained on the data at
+the first run, `data.vocab_size` pieces) the `model.size` preset's vocabulary is used: Llama-3's
+128256 for the paper sizes, the vocabulary the paper trains them with.
+
+The last line of stdout is JSON: {"fits", "peak_bytes_per_device", "hbm_bytes", "topology",
+"programs": {name: {...}}}.  The exit status is 1 when a program does not fit (stderr says what
+to change), and bad flags or settings fail before anything is compiled, naming the setting.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+from ml_collections import config_flags
+
+from muloco_jax import config as config_lib
+from muloco_jax import diloco as diloco_lib
+from muloco_jax import model as model_lib
+from muloco_jax import tokenizer as tokenizer_lib
+from muloco_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "TPU topology GENERATION:SHAPE, e.g. v5e:4x4, v5p:4x4x4, v6e:16x16."
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (joined by DCN).")
+flags.mark_flags_as_required(["config", "topology"])
+
+GIB = 2**30
+# HBM per device (GiB) by `device_kind`, used only when the compiler's figure cannot be read.
+# v4 and older expose each TensorCore as a device (half a chip's HBM).
+HBM_GIB = {
+  "TPU v2": 8,
+  "TPU v3": 16,
+  "TPU v4": 16,
+  "TPU v5 lite": 16,
+  "TPU v5": 95,
+  "TPU v6 lite": 32,
+}
+# Generations whose slices of up to 8 chips are one host; other slices have 2x2x1 chips a host.
+_SINGLE_HOST_8 = ("v5e", "v5litepod", "v6e")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_ITEMSIZE = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1}
+_ITEMSIZE.update({t: 2 for t in ("s16", "u16", "f16", "bf16")})
+_ITEMSIZE.update({t: 4 for t in ("s32", "u32", "f32")})
+_ITEMSIZE.update({t: 8 for t in ("s64", "u64", "f64", "c64")})
+_ITEMSIZE["c128"] = 16
+_SIZE = re.compile(r"([0-9.]+)([KMGT]?)")
+_OOM = re.compile(
+  r"required for HLO temporaries \(([0-9.]+[KMGT]?)\).*available HBM \(([0-9.]+[KMGT]?)\)"
+)
+
+
+def topology_devices(name: str, num_slices: int) -> list:
+  """The devices of `num_slices` slices of TPU topology `name` (ValueError naming it if bad)."""
+  generation, _, shape = name.partition(":")
+  try:
+    dims = [int(n) for n in shape.split("x")]
+  except ValueError:
+    dims = []
+  if not generation or not dims or min(dims) < 1:
+    raise ValueError(f"--topology={name!r} is not GENERATION:SHAPE, e.g. v5p:4x4x4 or v6e:16x16.")
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices} must be >= 1.")
+  dims = (dims + [1, 1])[:3]
+  if generation.lower() in _SINGLE_HOST_8 and math.prod(dims) <= 8:
+    host = tuple(dims)
+  else:
+    host = tuple(min(b, d) for b, d in zip((2, 2, 1), dims))
+  try:
+    desc = topologies.get_topology_desc(
+      platform="tpu",
+      topology_name=name,
+      chip_config_name="default",
+      chips_per_host_bounds=host,
+      num_slices=num_slices,
+    )
+  except Exception as e:  # libtpu's INVALID_ARGUMENT says what is wrong with the name
+    raise ValueError(f"--topology={name!r}: {str(e).splitlines()[0]}") from None
+  return list(desc.devices)
+
+
+def _bytes(text: str) -> int:
+  number, unit = _SIZE.fullmatch(text).groups()
+  return round(float(number) * 1024 ** " KMGT".index(unit or " "))
+
+
+def hbm_bytes(device) -> int:
+  """Bytes of HBM the TPU compiler allows one program on `device`: it names them when a probe
+  program asks for 1 TiB; failing that, `HBM_GIB[device.device_kind]`."""
+  mesh = jax.sharding.Mesh(np.array([device]), ("d",))
+  probe = jax.ShapeDtypeStruct((2**40,), jnp.int8, sharding=NamedSharding(mesh, jax.P()))
+  try:
+    jax.jit(lambda x: x + 1).lower(probe).compile()
+  except Exception as e:
+    match = _OOM.search(str(e))
+    if match:
+      return _bytes(match.group(2))
+  if device.device_kind not in HBM_GIB:
+    raise ValueError(f"no HBM size known for {device.device_kind!r}; add it to aot.HBM_GIB.")
+  return HBM_GIB[device.device_kind] * GIB
+
+
+def vocab_size(config) -> tuple[int, str]:
+  """(vocabulary size, where it comes from), from the config alone (see the module docstring)."""
+  spec = config.data.tokenizer
+  if spec == "byte":
+    return tokenizer_lib.ByteTokenizer.vocab_size, "data.tokenizer='byte'"
+  if spec == "bpe":
+    return model_lib.model_config(config.model.size).vocab_size, f"model.size={config.model.size!r}"
+  try:
+    return tokenizer_lib.SentencePieceTokenizer(spec).vocab_size, f"data.tokenizer={spec!r}"
+  except (OSError, RuntimeError) as e:
+    raise ValueError(f"data.tokenizer={spec!r} is neither 'bpe', 'byte' nor a .model file") from e
+
+
+def _abstract(shapes, sharding):
+  """`jax.ShapeDtypeStruct`s of `shapes` with `sharding` (one, or a prefix tree of them)."""
+  return jax.tree.map(
+    lambda s, tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree
+    ),
+    sharding,
+    shapes,
+    is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
+
+
+def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh]:
+  """{name: (jitted function, abstract arguments)} of the run `config` on `devices`, and the mesh."""
+  d, tc = config.diloco, config.train
+  if d.num_workers == 0:
+    mesh = diloco_lib.make_mesh(1, len(devices), devices)
+  else:
+    mesh = diloco_lib.mesh_for_workers(d.num_workers, devices, d.data_parallelism)
+  num_workers = max(d.num_workers, 1)
+  diloco_lib.check_batch_size("train.batch_size", tc.batch_size, num_workers, mesh)
+  model = train.make_model(config, vocab)
+  init_params = functools.partial(model_lib.init_params, model.config)
+  param_shapes = jax.eval_shape(init_params, jax.random.key(config.seed))
+  algorithm = train.make_algorithm(
+    config, train.make_loss_fn(model), train.make_optimizer(config), param_shapes, mesh
+  )
+  tokens = (tc.batch_size, config.data.seq_len)
+  if d.num_workers == 0:
+    state = jax.eval_shape(algorithm._init, param_shapes)
+    state = _abstract(state, NamedSharding(mesh, jax.P()))
+    batch = {k: jax.ShapeDtypeStruct(tokens, jnp.int32) for k in ("inputs", "targets")}
+    batch = _abstract(batch, algorithm.batch_sharding)
+    return {"train_step": (algorithm._step, (state, batch))}, mesh
+  dl = algorithm.diloco
+  state = _abstract(jax.eval_shape(dl._init, param_shapes), dl.state_sharding)
+  per_worker = (d.num_workers, tc.batch_size // d.num_workers, config.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(per_worker, jnp.int32) for k in ("inputs", "targets")}
+  batch = _abstract(batch, dl.batch_sharding)
+  active = jax.ShapeDtypeStruct((d.num_workers,), jnp.bool_, sharding=dl.active_sharding)
+  return {
+    "inner_step": (dl._inner_step, (state, batch)),
+    "outer_sync": (dl._outer_syncs[0], (state, active)),
+  }, mesh
+
+
+def _shape_bytes(text: str) -> int:
+  """Bytes of the arrays written in HLO text, e.g. "(f32[4,8]{1,0}, bf16[2]{0})"."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]", text):
+    if dtype in _ITEMSIZE:
+      total += math.ceil(_ITEMSIZE[dtype] * math.prod(int(n) for n in dims.split(",") if n))
+  return total
+
+
+def _groups(line: str) -> list[list[int]]:
+  """The device groups of a collective's HLO line (replica_groups or source_target_pairs)."""
+  iota = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
+  if iota:
+    shape, dims, perm = ([int(n) for n in g.split(",")] if g else None for g in iota.groups())
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    return (ids.transpose(perm) if perm else ids).reshape(shape).tolist()
+  listed = re.search(r"(?:replica_groups|source_target_pairs)=\{(\{[0-9,{}]*\})\}", line)
+  if not listed:
+    return []
+  return [[int(n) for n in g.split(",") if n] for g in re.findall(r"\{([0-9,]*)\}", listed[1])]
+
+
+# `%name = SHAPE opcode(operands), attributes` (SHAPE may be a tuple).
+_INSTRUCTION = re.compile(
+  r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*?)\)(?:,|$)"
+)
+
+
+def collectives(hlo: str, data_parallelism: int, dcn_crosses_workers: bool) -> dict:
+  """Per collective kind in compiled HLO text: count, operand bytes (per device) and how many
+  cross workers; and the number of async start/done pairs per opcode (collectives, copies...).
+
+  Device i of the program is in worker row i // data_parallelism (the mesh's order).  Across
+  slices a collective is a send/recv pair to the DCN ("megascale") runtime: counted once, as
+  "dcn-KIND", crossing workers when `dcn_crosses_workers` (each worker row inside one slice).
+  """
+  shapes, calls, pairs = {}, [], collections.Counter()
+  for line in hlo.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape, opcode, operands = match.groups()
+    shapes[name] = shape
+    if opcode.endswith("-start"):
+      pairs[opcode.removesuffix("-start")] += 1
+    dcn = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+    if opcode == "send" and dcn:
+      names = re.findall(r"%([\w.\-]+)", operands)[:1]  # the data; then a token
+      calls.append(("dcn-" + dcn[1].lower().replace("_", "-"), names, dcn_crosses_workers))
+    elif opcode.removesuffix("-start") in _COLLECTIVES:
+      groups = _groups(line)
+      crosses = any(len({i // data_parallelism for i in g}) > 1 for g in groups)
+      calls.append((opcode.removesuffix("-start"), re.findall(r"%([\w.\-]+)", operands), crosses))
+  found = collections.defaultdict(lambda: {"count": 0, "operand_bytes": 0, "cross_worker": 0})
+  for kind, names, crosses in calls:
+    entry = found[kind]
+    entry["count"] += 1
+    entry["operand_bytes"] += sum(_shape_bytes(shapes.get(n, "")) for n in names)
+    entry["cross_worker"] += crosses
+  return {"collectives": dict(found), "async_pairs": dict(pairs)}
+
+
+def compile_program(fn, args, hbm: int) -> dict:
+  """Lowers and compiles `fn(*args)`: its per-device memory (bytes), cost, HLO text and the
+  seconds lowering and compiling took."""
+  start = time.perf_counter()
+  lowered = fn.lower(*args)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:
+    match = _OOM.search(str(e))
+    if not match:
+      raise
+    return {
+      "fits": False,
+      "peak_bytes": _bytes(match.group(1)),
+      "argument_bytes": sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(args)
+      ),
+      "error": str(e).splitlines()[0],
+      "compile_seconds": round(time.perf_counter() - start, 1),
+    }
+  seconds = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  result = {
+    "argument_bytes": m.argument_size_in_bytes,
+    "output_bytes": m.output_size_in_bytes,
+    "alias_bytes": m.alias_size_in_bytes,
+    "temp_bytes": m.temp_size_in_bytes,
+    "code_bytes": m.generated_code_size_in_bytes,
+    "peak_bytes": m.peak_memory_in_bytes
+    or (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      - m.alias_size_in_bytes
+      + m.temp_size_in_bytes
+      + m.generated_code_size_in_bytes
+    ),
+  }
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  result.update(
+    fits=result["peak_bytes"] <= hbm,
+    flops=float(cost.get("flops", 0.0)),
+    bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+    compile_seconds=round(seconds, 1),
+    hlo=compiled.as_text(),
+  )
+  return result
+
+
+def advice(config) -> str:
+  """What to change when a program does not fit."""
+  d, tc = config.diloco, config.train
+  tips = []
+  if d.num_workers:
+    tips.append(
+      f"more devices per worker (a larger --topology or --num_slices, or fewer workers than "
+      f"diloco.num_workers={d.num_workers}; diloco.data_parallelism={d.data_parallelism}); "
+      "parameters and optimizer states are replicated on a worker's devices, so beyond that "
+      "the model needs FSDP (sharding them over the `data` axis), which this code lacks"
+    )
+  else:
+    tips.append("FSDP (parameters and optimizer states are replicated on every device)")
+  if not config.model.remat:
+    tips.append("model.remat=True")
+  if not config.model.scan_layers:
+    tips.append("model.scan_layers=True")
+  tips.append(f"a smaller train.batch_size (now {tc.batch_size}) or data.seq_len")
+  return "; ".join(tips)
+
+
+def _parse_flags(argv):
+  """absl's parser, plus a one-line error for an override of a field the config lacks."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # what ml_collections raises for `--config.no.such`
+    while isinstance(e, BaseException) and e.args:
+      e = e.args[0]
+    sys.exit(f"FATAL Flags parsing error: the config has no field {str(e).splitlines()[0]}.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  jax.config.update("jax_platforms", "cpu")  # this host only traces; libtpu compiles
+  # Compiling takes no TPU: libtpu may load beside another process holding it (a training run,
+  # another check), and there are no TPU workers to look up (it would log errors).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  config, topology = _CONFIG.value, _TOPOLOGY.value
+  try:
+    config_lib.validate(config)
+    devices = topology_devices(topology, _NUM_SLICES.value)
+    vocab, source = vocab_size(config)
+    jobs, mesh = programs(config, devices, vocab)
+    hbm = hbm_bytes(devices[0])
+  except ValueError as e:
+    sys.exit(f"FATAL {e}")
+  slices = f" x {_NUM_SLICES.value} slices" if _NUM_SLICES.value > 1 else ""
+  print(
+    f"{topology}{slices}: {len(devices)} x {devices[0].device_kind}, "
+    f"{hbm / GIB:.2f} GiB HBM each; mesh worker={mesh.shape[diloco_lib.WORKER_AXIS]} x "
+    f"data={mesh.shape[diloco_lib.DATA_AXIS]}; model {config.model.size} "
+    f"({model_lib.param_count(train.make_model(config, vocab).config) / 1e9:.3f}B parameters, "
+    f"vocab {vocab} from {source})",
+    flush=True,
+  )
+  report = {}
+  for name, (fn, args) in jobs.items():
+    result = compile_program(fn, args, hbm)
+    hlo = result.pop("hlo", None)
+    if name == "outer_sync" and hlo is not None:
+      rows = [{getattr(d, "slice_index", 0) for d in row} for row in mesh.devices]
+      dcn_crosses_workers = all(len(r) == 1 for r in rows) and len(set().union(*rows)) > 1
+      result.update(collectives(hlo, mesh.shape[diloco_lib.DATA_AXIS], dcn_crosses_workers))
+    report[name] = result
+    gib = lambda key: f"{result[key] / GIB:.2f}"
+    if "error" not in result:
+      line = (
+        f"{name}: peak {gib('peak_bytes')} GiB of {hbm / GIB:.2f} GiB per device "
+        f"(arguments {gib('argument_bytes')}, outputs {gib('output_bytes')}, aliased "
+        f"{gib('alias_bytes')}, temporaries {gib('temp_bytes')}, code {gib('code_bytes')}); "
+        f"{result['flops'] / 1e12:.3g} TFLOP; compiled in {result['compile_seconds']} s"
+      )
+    else:
+      line = (
+        f"{name}: DOES NOT FIT: peak {gib('peak_bytes')} GiB of {hbm / GIB:.2f} GiB per device "
+        f"(arguments {gib('argument_bytes')}); the compiler says: {result['error']} "
+        f"(after {result['compile_seconds']} s)"
+      )
+    print(line, flush=True)
+    for kind, c in result.get("collectives", {}).items():
+      print(
+        f"  {kind}: {c['count']} ({c['cross_worker']} across workers), "
+        f"{c['operand_bytes'] / 2**20:.1f} MiB operands",
+        flush=True,
+      )
+    if result.get("async_pairs"):
+      print(f"  async start/done pairs: {result['async_pairs']}", flush=True)
+  fits = all(r["fits"] for r in report.values())
+  summary = {
+    "fits": fits,
+    "peak_bytes_per_device": max(r["peak_bytes"] for r in report.values()),
+    "hbm_bytes": hbm,
+    "topology": topology,
+    "programs": report,
+  }
+  if not fits:
+    too_big = [n for n, r in report.items() if not r["fits"]]
+    print(
+      f"{', '.join(too_big)} does not fit in {hbm / GIB:.2f} GiB per device. Try: {advice(config)}.",
+      file=sys.stderr,
+      flush=True,
+    )
+  print(json.dumps(summary), flush=True)
+  return 0 if fits else 1
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)
