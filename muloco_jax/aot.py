@@ -171,12 +171,7 @@ def _abstract(shapes, sharding):
 def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh]:
   """{name: (jitted function, abstract arguments)} of the run `config` on `devices`, and the mesh."""
   d, tc = config.diloco, config.train
-  if d.num_workers == 0:
-    mesh = diloco_lib.make_mesh(1, len(devices), devices)
-  else:
-    mesh = diloco_lib.mesh_for_workers(d.num_workers, devices, d.data_parallelism)
-  num_workers = max(d.num_workers, 1)
-  diloco_lib.check_batch_size("train.batch_size", tc.batch_size, num_workers, mesh)
+  mesh = train.make_mesh(config, devices)
   model = train.make_model(config, vocab)
   init_params = functools.partial(model_lib.init_params, model.config)
   param_shapes = jax.eval_shape(init_params, jax.random.key(config.seed))
@@ -334,16 +329,6 @@ def advice(config) -> str:
   return "; ".join(tips)
 
 
-def _parse_flags(argv):
-  """absl's parser, plus a one-line error for an override of a field the config lacks."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # what ml_collections raises for `--config.no.such`
-    while isinstance(e, BaseException) and e.args:
-      e = e.args[0]
-    sys.exit(f"FATAL Flags parsing error: the config has no field {str(e).splitlines()[0]}.")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -422,4 +407,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

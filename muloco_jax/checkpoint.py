@@ -234,31 +234,25 @@ class Checkpointer:
     ):
       try:
         metadata = self._retrying(f"reading checkpoint {step}", lambda: self._state_metadata(step))
+        differences = structure_differences(metadata, abstract_state)
+        if not differences:
+          restored = self._retrying(
+            f"restoring checkpoint {step}",
+            lambda: self._manager.restore(
+              step,
+              args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+              ),
+            ),
+          )
       except Exception as e:  # pylint: disable=broad-except
         if not is_unreadable(e):
           raise
         self._warn_unreadable(step, e)
         unreadable.append(step)
         continue
-      differences = structure_differences(metadata, abstract_state)
       if differences:
         raise IncompatibleCheckpointError(self._incompatible_message(step, differences, config))
-      try:
-        restored = self._retrying(
-          f"restoring checkpoint {step}",
-          lambda: self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
-          ),
-        )
-      except Exception as e:  # pylint: disable=broad-except
-        if not is_unreadable(e):
-          raise
-        self._warn_unreadable(step, e)
-        unreadable.append(step)
-        continue
       result = step, restored.state, restored.data
       break
     for step in unreadable:

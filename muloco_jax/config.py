@@ -5,6 +5,9 @@ absl's `--config.a.b=value` flags override further.  `validate` checks a config
 before anything is compiled and names the offending setting.
 """
 
+import sys
+
+from absl import app
 import ml_collections
 
 from muloco_jax import compression
@@ -217,3 +220,22 @@ def drop_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int, flo
 def _check(ok: bool, name: str, value, why: str) -> None:
   if not ok:
     raise ValueError(f"{name}={value!r} {why}.")
+
+
+def parse_flags(argv):
+  """absl's parser for the launchers (`app.run(..., flags_parser=parse_flags)`), plus a one-line
+  error for a `--config.x` override of a field the config lacks."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # what ml_collections raises for `--config.no.such`
+    message = e
+    while isinstance(message, BaseException) and message.args:
+      message = message.args[0]
+    key, _, hint = str(message).partition("\n")
+    key = key.strip("\"'")
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in overrides if key in a[len("--config.") :].split(".")] or overrides
+    sys.exit(
+      f"FATAL Flags parsing error: the config has no field {key!r} "
+      f"({', '.join(named)}). {hint}".rstrip()
+    )

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from ml_collections import config_flags
 
 from muloco_jax import checkpoint
+from muloco_jax import config as config_lib
 from muloco_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
@@ -22,24 +23,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _parse_flags(argv):
-  """absl's parser, plus a one-line error for an override of a field the config lacks."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # what ml_collections raises for `--config.no.such`
-    message = e
-    while isinstance(message, BaseException) and message.args:
-      message = message.args[0]
-    key, _, hint = str(message).partition("\n")
-    key = key.strip("\"'")
-    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    named = [a for a in overrides if key in a[len("--config.") :].split(".")] or overrides
-    sys.exit(
-      f"FATAL Flags parsing error: the config has no field {key!r} "
-      f"({', '.join(named)}). {hint}".rstrip()
-    )
 
 
 def main(argv):
@@ -58,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

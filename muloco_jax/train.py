@@ -278,13 +278,24 @@ class DiLoCoAlgorithm:
     return state.params
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The run's ("worker", "data") mesh over every device (see `diloco.mesh_for_workers`)."""
-  if config.diloco.num_workers == 0:
-    return diloco_lib.make_mesh(1, jax.device_count())
-  return diloco_lib.mesh_for_workers(
-    config.diloco.num_workers, data_parallelism=config.diloco.data_parallelism
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """The run's ("worker", "data") mesh over every device of `devices` (default: all; see
+  `diloco.mesh_for_workers`); raises a ValueError naming `train.batch_size` or
+  `train.eval_batch_size` when a batch does not split evenly over it."""
+  devices = list(jax.devices() if devices is None else devices)
+  d, tc = config.diloco, config.train
+  if d.num_workers == 0:
+    mesh = diloco_lib.make_mesh(1, len(devices), devices)
+  else:
+    mesh = diloco_lib.mesh_for_workers(d.num_workers, devices, d.data_parallelism)
+  diloco_lib.check_batch_size("train.batch_size", tc.batch_size, max(d.num_workers, 1), mesh)
+  diloco_lib.check_batch_size(
+    "train.eval_batch_size",
+    tc.eval_batch_size or tc.batch_size,
+    mesh.shape[diloco_lib.WORKER_AXIS],
+    mesh,
   )
+  return mesh
 
 
 def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes, mesh):
@@ -427,11 +438,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   tc = config.train
   mesh = make_mesh(config)
-  num_workers = max(config.diloco.num_workers, 1)
-  diloco_lib.check_batch_size("train.batch_size", tc.batch_size, num_workers, mesh)
-  diloco_lib.check_batch_size(
-    "train.eval_batch_size", tc.eval_batch_size or tc.batch_size, mesh.shape["worker"], mesh
-  )
   data = data_lib.get_dataset(config.data)
   model = make_model(config, data.vocab_size)
   loss_fn = make_loss_fn(model)
