@@ -37,7 +37,7 @@ def parse_args(argv=None):
   )
   parser.add_argument("--coordinator", default=None, help="host:port, set by the parent")
   parser.add_argument("--devices_per_process", type=int, default=2)
-  parser.add_argument("--data_parallelism", type=int, default=1, help="devices per worker")
+  parser.add_argument("--fsdp", type=int, default=1, help="devices per worker")
   parser.add_argument("--num_workers", type=int, default=8, help="DiLoCo K")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--inner_steps", type=int, default=4, help="H")
@@ -68,8 +68,9 @@ def train(args) -> dict:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   import jax.numpy as jnp
   import optax
+  from jax.experimental import multihost_utils
 
-  from muloco_jax import diloco
+  from muloco_jax import diloco, runtime, sharding
 
   def loss_fn(params, batch):
     hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
@@ -83,8 +84,8 @@ def train(args) -> dict:
     "w2": (rng.normal(size=(HIDDEN, CLASSES)) / np.sqrt(HIDDEN)).astype(np.float32),
   }
   devices = jax.devices()
-  mesh = diloco.make_mesh(len(devices) // args.data_parallelism, args.data_parallelism, devices)
-  trainer = diloco.DiLoCo(
+  mesh = sharding.make_mesh(len(devices) // args.fsdp, args.fsdp, devices)
+  trainer = runtime.DiLoCo(
     loss_fn, optax.adamw(1e-2), diloco.outer_optimizer(0.7, 0.9), args.num_workers, mesh
   )
   state = trainer.init(params)
@@ -117,7 +118,11 @@ def train(args) -> dict:
       f"contributing {int(metrics['num_contributing'].addressable_data(0))}",
       flush=True,
     )
-  final = {name: np.asarray(leaf.addressable_data(0)) for name, leaf in state.params.items()}
+  # The shared params are sharded over every device: gather them whole on each process.
+  final = {
+    name: np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    for name, leaf in state.params.items()
+  }
   if args.num_processes > 1:
     jax.distributed.shutdown()
   return final
@@ -147,7 +152,7 @@ def child_command(
     f"--process_id={process_id}",
     f"--out={out}",
     f"--devices_per_process={devices}",
-    f"--data_parallelism={args.data_parallelism}",
+    f"--fsdp={args.fsdp}",
     f"--num_workers={args.num_workers}",
     f"--rounds={args.rounds}",
     f"--inner_steps={args.inner_steps}",

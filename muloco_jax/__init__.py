@@ -18,15 +18,15 @@ from muloco_jax.compression import (
   unpack_bits,
 )
 from muloco_jax.diloco import (
-  DiLoCo,
   DiLoCoState,
   compressed_average,
-  make_mesh,
   outer_optimizer,
   psum_average,
   pseudogradient,
-  split_into_fragments,
 )
+from muloco_jax.fragments import split_into_fragments
+from muloco_jax.runtime import DataParallel, DiLoCo
+from muloco_jax.sharding import make_mesh, mesh_for_workers
 from muloco_jax import layout
 from muloco_jax.layout import matrix_mask, stack_layers, unstack_layers
 from muloco_jax.model import ModelConfig, Transformer, model_config, param_count

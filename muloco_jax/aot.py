@@ -6,11 +6,13 @@ No TPU is needed: libtpu (`pip install -e ".[tpu]"`) compiles for a topology des
 `jax.experimental.topologies`, and every input is an abstract `jax.ShapeDtypeStruct` carrying the
 sharding the run would give it, so nothing is allocated.  The programs are the ones
 `train.train_and_evaluate` runs every step, built by the same code (`train.make_algorithm` on
-`diloco.mesh_for_workers` over the topology's devices):
+`sharding.mesh_for_workers` over the topology's devices, `programs` of `muloco_jax.runtime`):
 
-  diloco.num_workers = 0   `train_step` (data parallelism, `DataParallel._step`);
-  diloco.num_workers = K   `inner_step` (all K workers, `DiLoCo._inner_step`) and `outer_sync`
-                           (fragment 0, `DiLoCo._outer_syncs[0]`).
+  diloco.num_workers = 0   `train_step` (data parallelism, FSDP over the `fsdp` axis);
+  diloco.num_workers = K   `inner_step` (all K workers) and `outer_sync` (fragment 0).
+
+It also prints the train state's bytes on the fullest device (`sharding.state_bytes_per_device`,
+from the shardings alone) beside those of a layout with every leaf replicated.
 
 For each it prints the compiler's per-device memory (`Compiled.memory_analysis()`): arguments,
 outputs, aliased (donated) bytes, temporaries, generated code and the peak, against the HBM of one
@@ -52,12 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
-from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
 from muloco_jax import config as config_lib
-from muloco_jax import diloco as diloco_lib
 from muloco_jax import model as model_lib
+from muloco_jax import sharding
 from muloco_jax import tokenizer as tokenizer_lib
 from muloco_jax import train
 
@@ -131,7 +132,7 @@ def hbm_bytes(device) -> int:
   """Bytes of HBM the TPU compiler allows one program on `device`: it names them when a probe
   program asks for 1 TiB; failing that, `HBM_GIB[device.device_kind]`."""
   mesh = jax.sharding.Mesh(np.array([device]), ("d",))
-  probe = jax.ShapeDtypeStruct((2**40,), jnp.int8, sharding=NamedSharding(mesh, jax.P()))
+  probe = jax.ShapeDtypeStruct((2**40,), jnp.int8, sharding=jax.NamedSharding(mesh, jax.P()))
   try:
     jax.jit(lambda x: x + 1).lower(probe).compile()
   except Exception as e:
@@ -156,21 +157,9 @@ def vocab_size(config) -> tuple[int, str]:
     raise ValueError(f"data.tokenizer={spec!r} is neither 'bpe', 'byte' nor a .model file") from e
 
 
-def _abstract(shapes, sharding):
-  """`jax.ShapeDtypeStruct`s of `shapes` with `sharding` (one, or a prefix tree of them)."""
-  return jax.tree.map(
-    lambda s, tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree
-    ),
-    sharding,
-    shapes,
-    is_leaf=lambda x: isinstance(x, NamedSharding),
-  )
-
-
-def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh]:
-  """{name: (jitted function, abstract arguments)} of the run `config` on `devices`, and the mesh."""
-  d, tc = config.diloco, config.train
+def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh, dict]:
+  """{name: (jitted function, abstract arguments)} of the run `config` on `devices`, the mesh and
+  the abstract train state (with its shardings)."""
   mesh = train.make_mesh(config, devices)
   model = train.make_model(config, vocab)
   init_params = functools.partial(model_lib.init_params, model.config)
@@ -178,23 +167,9 @@ def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh]:
   algorithm = train.make_algorithm(
     config, train.make_loss_fn(model), train.make_optimizer(config), param_shapes, mesh
   )
-  tokens = (tc.batch_size, config.data.seq_len)
-  if d.num_workers == 0:
-    state = jax.eval_shape(algorithm._init, param_shapes)
-    state = _abstract(state, NamedSharding(mesh, jax.P()))
-    batch = {k: jax.ShapeDtypeStruct(tokens, jnp.int32) for k in ("inputs", "targets")}
-    batch = _abstract(batch, algorithm.batch_sharding)
-    return {"train_step": (algorithm._step, (state, batch))}, mesh
-  dl = algorithm.diloco
-  state = _abstract(jax.eval_shape(dl._init, param_shapes), dl.state_sharding)
-  per_worker = (d.num_workers, tc.batch_size // d.num_workers, config.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(per_worker, jnp.int32) for k in ("inputs", "targets")}
-  batch = _abstract(batch, dl.batch_sharding)
-  active = jax.ShapeDtypeStruct((d.num_workers,), jnp.bool_, sharding=dl.active_sharding)
-  return {
-    "inner_step": (dl._inner_step, (state, batch)),
-    "outer_sync": (dl._outer_syncs[0], (state, active)),
-  }, mesh
+  tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32)
+  jobs = algorithm.programs(param_shapes, {"inputs": tokens, "targets": tokens})
+  return jobs, mesh, algorithm.abstract_state(param_shapes)
 
 
 def _shape_bytes(text: str) -> int:
@@ -206,13 +181,38 @@ def _shape_bytes(text: str) -> int:
   return total
 
 
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+  """Device ids of an HLO iota list "[dims]T(perm)", before the final reshape."""
+  dims = [int(n) for n in dims.split(",")]
+  ids = np.arange(math.prod(dims)).reshape(dims)
+  return ids.transpose([int(n) for n in perm.split(",")]) if perm else ids
+
+
 def _groups(line: str) -> list[list[int]]:
-  """The device groups of a collective's HLO line (replica_groups or source_target_pairs)."""
+  """The device groups of a collective's HLO line (replica_groups or source_target_pairs).
+
+  Three spellings: an iota list "[groups,size]<=[dims]T(perm)", explicit "{{0,1},{2,3}}", and
+  mesh axes "mesh['axis_0'=2,'axis_1'=4], device_ids=([dims]T(perm)) {'axis_1'}" (a group per index of
+  the axes not named, its devices along the named ones).
+  """
+  mesh = re.search(
+    r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([0-9,]+)\]"
+    r"(?:T\(([0-9,]+)\))?\))? \{([^}]*)\}",
+    line,
+  )
+  if mesh:
+    axes = re.findall(r"'(\w+)'=([0-9]+)", mesh[1])
+    names, sizes = [n for n, _ in axes], [int(k) for _, k in axes]
+    ids = _iota(mesh[2], mesh[3]) if mesh[2] else np.arange(math.prod(sizes))
+    ids = ids.reshape(sizes)
+    grouped = [names.index(n) for n in re.findall(r"'(\w+)'", mesh[4])]
+    rest = [i for i in range(len(names)) if i not in grouped]
+    size = math.prod(sizes[i] for i in grouped)
+    return ids.transpose(rest + grouped).reshape(-1, size).tolist()
   iota = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
   if iota:
-    shape, dims, perm = ([int(n) for n in g.split(",")] if g else None for g in iota.groups())
-    ids = np.arange(math.prod(dims)).reshape(dims)
-    return (ids.transpose(perm) if perm else ids).reshape(shape).tolist()
+    shape = [int(n) for n in iota[1].split(",")]
+    return _iota(iota[2], iota[3]).reshape(shape).tolist()
   listed = re.search(r"(?:replica_groups|source_target_pairs)=\{(\{[0-9,{}]*\})\}", line)
   if not listed:
     return []
@@ -225,11 +225,11 @@ _INSTRUCTION = re.compile(
 )
 
 
-def collectives(hlo: str, data_parallelism: int, dcn_crosses_workers: bool) -> dict:
+def collectives(hlo: str, fsdp: int, dcn_crosses_workers: bool) -> dict:
   """Per collective kind in compiled HLO text: count, operand bytes (per device) and how many
   cross workers; and the number of async start/done pairs per opcode (collectives, copies...).
 
-  Device i of the program is in worker row i // data_parallelism (the mesh's order).  Across
+  Device i of the program is in worker row i // fsdp (the mesh's order).  Across
   slices a collective is a send/recv pair to the DCN ("megascale") runtime: counted once, as
   "dcn-KIND", crossing workers when `dcn_crosses_workers` (each worker row inside one slice).
   """
@@ -248,7 +248,7 @@ def collectives(hlo: str, data_parallelism: int, dcn_crosses_workers: bool) -> d
       calls.append(("dcn-" + dcn[1].lower().replace("_", "-"), names, dcn_crosses_workers))
     elif opcode.removesuffix("-start") in _COLLECTIVES:
       groups = _groups(line)
-      crosses = any(len({i // data_parallelism for i in g}) > 1 for g in groups)
+      crosses = any(len({i // fsdp for i in g}) > 1 for g in groups)
       calls.append((opcode.removesuffix("-start"), re.findall(r"%([\w.\-]+)", operands), crosses))
   found = collections.defaultdict(lambda: {"count": 0, "operand_bytes": 0, "cross_worker": 0})
   for kind, names, crosses in calls:
@@ -311,16 +311,11 @@ def compile_program(fn, args, hbm: int) -> dict:
 def advice(config) -> str:
   """What to change when a program does not fit."""
   d, tc = config.diloco, config.train
-  tips = []
-  if d.num_workers:
-    tips.append(
-      f"more devices per worker (a larger --topology or --num_slices, or fewer workers than "
-      f"diloco.num_workers={d.num_workers}; diloco.data_parallelism={d.data_parallelism}); "
-      "parameters and optimizer states are replicated on a worker's devices, so beyond that "
-      "the model needs FSDP (sharding them over the `data` axis), which this code lacks"
-    )
-  else:
-    tips.append("FSDP (parameters and optimizer states are replicated on every device)")
+  tips = [
+    "more devices per worker to shard the model over (a larger --topology or --num_slices"
+    + (f", fewer workers than diloco.num_workers={d.num_workers}" if d.num_workers else "")
+    + f", or diloco.fsdp={d.fsdp} -> 0: all of a worker's devices)"
+  ]
   if not config.model.remat:
     tips.append("model.remat=True")
   if not config.model.scan_layers:
@@ -342,17 +337,24 @@ def main(argv):
     config_lib.validate(config)
     devices = topology_devices(topology, _NUM_SLICES.value)
     vocab, source = vocab_size(config)
-    jobs, mesh = programs(config, devices, vocab)
+    jobs, mesh, state = programs(config, devices, vocab)
     hbm = hbm_bytes(devices[0])
   except ValueError as e:
     sys.exit(f"FATAL {e}")
   slices = f" x {_NUM_SLICES.value} slices" if _NUM_SLICES.value > 1 else ""
   print(
     f"{topology}{slices}: {len(devices)} x {devices[0].device_kind}, "
-    f"{hbm / GIB:.2f} GiB HBM each; mesh worker={mesh.shape[diloco_lib.WORKER_AXIS]} x "
-    f"data={mesh.shape[diloco_lib.DATA_AXIS]}; model {config.model.size} "
+    f"{hbm / GIB:.2f} GiB HBM each; mesh worker={mesh.shape[sharding.WORKER_AXIS]} x "
+    f"fsdp={mesh.shape[sharding.FSDP_AXIS]}; model {config.model.size} "
     f"({model_lib.param_count(train.make_model(config, vocab).config) / 1e9:.3f}B parameters, "
     f"vocab {vocab} from {source})",
+    flush=True,
+  )
+  state_bytes = sharding.state_bytes_per_device(state)
+  replicated = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+  print(
+    f"train state: {state_bytes / GIB:.2f} GiB on the fullest device "
+    f"({replicated / GIB:.2f} GiB if every device held all of it: {state_bytes / replicated:.4f}x)",
     flush=True,
   )
   report = {}
@@ -362,7 +364,7 @@ def main(argv):
     if name == "outer_sync" and hlo is not None:
       rows = [{getattr(d, "slice_index", 0) for d in row} for row in mesh.devices]
       dcn_crosses_workers = all(len(r) == 1 for r in rows) and len(set().union(*rows)) > 1
-      result.update(collectives(hlo, mesh.shape[diloco_lib.DATA_AXIS], dcn_crosses_workers))
+      result.update(collectives(hlo, mesh.shape[sharding.FSDP_AXIS], dcn_crosses_workers))
     report[name] = result
     gib = lambda key: f"{result[key] / GIB:.2f}"
     if "error" not in result:
@@ -392,6 +394,8 @@ def main(argv):
     "fits": fits,
     "peak_bytes_per_device": max(r["peak_bytes"] for r in report.values()),
     "hbm_bytes": hbm,
+    "state_bytes_per_device": state_bytes,
+    "state_bytes_total": replicated,
     "topology": topology,
     "programs": report,
   }

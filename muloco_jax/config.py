@@ -71,8 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.diloco.outer_lr = 0.7
   c.diloco.outer_momentum = 0.9
   c.diloco.outer_nesterov = True
-  # Devices per worker row (the mesh `data` axis); 0: automatic, every device is used.
-  c.diloco.data_parallelism = 0
+  # Devices that shard one worker's parameters, optimizer state and batch (the mesh `fsdp`
+  # axis); 0: automatic, every device is used (see `sharding.mesh_for_workers`).
+  c.diloco.fsdp = 0
   # The paper's weight-decay rescaling: wd *= (B / K) / reference; 0 = off (paper: 512).
   c.diloco.weight_decay_reference_batch = 0
   c.diloco.num_fragments = 1  # streaming DiLoCo: F fragments synced at staggered steps
@@ -139,7 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.diloco
   _check(d.num_workers >= 0, "diloco.num_workers", d.num_workers, "must be >= 0")
   _check(d.sync_every >= 1, "diloco.sync_every", d.sync_every, "(H) must be >= 1")
-  _check(d.data_parallelism >= 0, "diloco.data_parallelism", d.data_parallelism, "must be >= 0")
+  _check(d.fsdp >= 0, "diloco.fsdp", d.fsdp, "must be >= 0")
   _check(d.num_fragments >= 1, "diloco.num_fragments", d.num_fragments, "must be >= 1")
   _check(
     d.num_fragments <= model_config.num_layers,

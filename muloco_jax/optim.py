@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers
@@ -122,9 +123,13 @@ def _iterate(x, coefficients: Coefficients, eps: float):
   return lax.scan(iteration, x, jnp.asarray(coefficients, x.dtype))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("coefficients", "compute_dtype", "eps"))
-def _newton_schulz(x, coefficients: Coefficients, compute_dtype, eps: float):
-  """X <- a X + (b A + c A^2) X with A = X X^T, on the last two axes of x."""
+@functools.partial(jax.jit, static_argnames=("coefficients", "compute_dtype", "eps", "batched"))
+def _newton_schulz(x, coefficients: Coefficients, compute_dtype, eps: float, batched=False):
+  """X <- a X + (b A + c A^2) X with A = X X^T, on the last two axes of x.
+
+  `batched`: iterate on all of x's matrices as one batched computation on every platform,
+  as for a batch axis sharded over devices (a loop over it would make GSPMD gather it).
+  """
   in_dtype = x.dtype
   tall = x.shape[-2] > x.shape[-1]
   if tall:  # iterate on the wide orientation: A is then the smaller Gram matrix
@@ -132,7 +137,9 @@ def _newton_schulz(x, coefficients: Coefficients, compute_dtype, eps: float):
   x = x.astype(compute_dtype or in_dtype)
   iterate = functools.partial(_iterate, coefficients=coefficients, eps=eps)
   matrices = x.reshape(-1, *x.shape[-2:])
-  if len(matrices) > 1:
+  if batched:
+    x = iterate(x)
+  elif len(matrices) > 1:
     # XLA:CPU spends 10-20% more CPU time on a batched dot than on the same
     # products one matrix at a time, so on CPU the batch is a loop (lax.map);
     # elsewhere it is one batched computation.
@@ -304,6 +311,55 @@ def dimension_numbers_tree(
 
 
 # --------------------------------------------------------------------------
+# Newton-Schulz distributed over a mesh axis (FSDP).
+
+
+def _mesh_axis_size(axis: str | None) -> int:
+  """Size of mesh axis `axis` in the abstract mesh in context (1: no such axis, or no mesh)."""
+  return 1 if axis is None else jax.sharding.get_abstract_mesh().shape.get(axis, 1)
+
+
+def _sharded_fan_axis(leaf, dim_numbers, spec, axis: str) -> int | None:
+  """The axis of the leaf's (batch, fan_in, fan_out) view, -2 or -1, that its PartitionSpec
+  `spec` shards over mesh axis `axis`; None when neither (or no spec)."""
+  _, reduction, output = _axes(leaf, dim_numbers)
+  names = lambda entry: entry if isinstance(entry, tuple) else (entry,)
+  sharded = {a for a, entry in enumerate(spec or ()) if axis in names(entry)}
+  return -2 if sharded & set(reduction) else -1 if sharded & set(output) else None
+
+
+def _orthogonalize_over_axis(matrices, fan_axes, newton_schulz, axis: str, shards: int):
+  """`newton_schulz` of each (batch, fan_in, fan_out) array of `matrices`, each of the
+  `shards` devices along mesh axis `axis` doing 1/shards of the matrices of every shape.
+
+  The matrices of one (fan_in, fan_out, dtype) are concatenated into one stack [N, m, n],
+  zero-padded to a multiple of `shards` (Newton-Schulz maps a zero matrix to zero), split
+  over `axis` along N (an all-to-all), orthogonalized there, and resharded over the fan axis
+  that `fan_axes` (-2, -1 or None per array) names most often, else the longer one (another
+  all-to-all), so that each array is then a local slice of the stack.
+  """
+  groups = {}
+  for i, m in enumerate(matrices):
+    groups.setdefault((m.shape[1:], m.dtype), []).append(i)
+  out = [None] * len(matrices)
+  for (shape, _), members in groups.items():
+    stack = jnp.concatenate([matrices[i] for i in members])
+    count = len(stack)
+    stack = jnp.pad(stack, ((0, -count % shards), (0, 0), (0, 0)))
+    by_matrix = functools.partial(lax.with_sharding_constraint, shardings=P(axis, None, None))
+    stack = by_matrix(newton_schulz(by_matrix(stack)))  # both ends: no other choice inside
+    votes = [fan_axes[i] for i in members]
+    fan_axis = max((-2, -1), key=lambda a: (votes.count(a), shape[a]))
+    stack = lax.with_sharding_constraint(
+      stack, P(None, *[axis if a == fan_axis else None for a in (-2, -1)])
+    )
+    offsets = np.cumsum([len(matrices[i]) for i in members])[:-1]
+    for i, part in zip(members, jnp.split(stack[:count], offsets)):
+      out[i] = part
+  return out
+
+
+# --------------------------------------------------------------------------
 # scale_by_muon
 
 
@@ -325,6 +381,8 @@ def scale_by_muon(
   compute_dtype: Any = None,
   scale: str = "spectral",
   stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  shard_axis: str | None = None,
+  param_specs: Any = None,
 ) -> optax.GradientTransformation:
   """Muon's direction: momentum, Newton-Schulz, shape scale (arXiv 2505.23725).
 
@@ -344,6 +402,27 @@ def scale_by_muon(
   `orthogonalize` computation; leaves are not concatenated into one batch per
   shape (that costs two copies of every matrix and gains nothing on CPU).
 
+  FSDP (`shard_axis`): with parameters sharded over a mesh axis of size F > 1,
+  Newton-Schulz on each leaf would have every device of the axis orthogonalize
+  every matrix (or split each matrix product with collectives inside every
+  iteration).  Instead, when `shard_axis` names an axis of size F > 1 of the
+  mesh in context (`jax.set_mesh`), the N matrices of each (fan_in, fan_out,
+  dtype), from all leaves and all their stacked layers, form one stack
+  [N, fan_in, fan_out], zero-padded to N' = F ceil(N / F) (Newton-Schulz maps
+  0 to 0: X_0 = 0 / (0 + eps)); it is constrained to `P(shard_axis)`, so each
+  device holds N' / F whole matrices (XLA moves them with an all-to-all) and
+  orthogonalizes those alone, in one batched computation; the result is
+  resharded over its fan-in or fan-out axis (another all-to-all), split into
+  the leaves, shape-scaled, and each leaf is constrained to its spec in
+  `param_specs`.  Each matrix goes through exactly the same arithmetic as
+  above, so the update is the same to round-off; each device does 1/F of the
+  Newton-Schulz flops and keeps 1/F of the update, and moves about 2 (F-1)/F
+  of its share of the update.  Inside `jax.vmap(..., spmd_axis_name=...)`
+  (DiLoCo workers) the constraints keep the vmapped axis where it is sharded,
+  so the all-to-alls stay within each worker's group.  Without a mesh in
+  context, or with the axis absent or of size 1, each leaf is orthogonalized
+  as above.
+
   All arguments are keyword-only; names follow `optax.contrib.scale_by_muon`.
 
   Args:
@@ -359,6 +438,13 @@ def scale_by_muon(
     compute_dtype: dtype of the Newton-Schulz iteration (None: the update's).
     scale: "spectral" (paper), "moonlight" or "none"; see `shape_scale`.
     stacked_axes: the rule giving a leaf's number of leading layer axes.
+    shard_axis: name of the mesh axis over which to distribute Newton-Schulz
+      (see FSDP above); None: every leaf on its own.
+    param_specs: the `PartitionSpec` of each parameter leaf (per worker, no
+      worker axis), as a tree like the params (None entries: no constraint) or
+      a function of the params returning it; used with `shard_axis` to put
+      each leaf of the update back where its parameter lives.  None: leave the
+      update's sharding to XLA's propagation.
   """
   coefficients = newton_schulz_coefficients(ns_coeffs, ns_steps)
   shape_scale(1, 1, scale)  # validates the rule now rather than at the first step
@@ -378,16 +464,27 @@ def scale_by_muon(
     momentum = optax.tree.update_moment(updates, state.momentum, beta, 1)
     direction = optax.tree.update_moment(updates, momentum, beta, 1) if nesterov else momentum
     momentum = optax.tree.cast(momentum, mu_dtype) if mu_dtype else momentum
-    dims_tree = dims_of(params if params is not None else updates)
+    params = params if params is not None else updates
     leaves, treedef = jax.tree.flatten(direction)
-    dims = treedef.flatten_up_to(dims_tree)
-
-    def orthogonalized(leaf, dn):
-      matrices, inverse = _as_matrices(leaf, dn)
-      ortho = _newton_schulz(matrices, coefficients, compute_dtype, float(eps))
-      return inverse(ortho * shape_scale(*matrices.shape[1:], scale)).astype(leaf.dtype)
-
-    out = [orthogonalized(leaf, dn) for leaf, dn in zip(leaves, dims)]
+    dims = treedef.flatten_up_to(dims_of(params))
+    matrices, inverses = zip(*map(_as_matrices, leaves, dims)) if leaves else ((), ())
+    newton_schulz = functools.partial(
+      _newton_schulz, coefficients=coefficients, compute_dtype=compute_dtype, eps=float(eps)
+    )
+    shards = _mesh_axis_size(shard_axis)
+    specs = [None] * len(leaves)
+    if shards > 1:
+      if param_specs is not None:
+        specs = treedef.flatten_up_to(param_specs(params) if callable(param_specs) else param_specs)
+      fan_axes = [_sharded_fan_axis(*args, shard_axis) for args in zip(leaves, dims, specs)]
+      newton_schulz = functools.partial(newton_schulz, batched=True)
+      ortho = _orthogonalize_over_axis(matrices, fan_axes, newton_schulz, shard_axis, shards)
+    else:
+      ortho = map(newton_schulz, matrices)
+    out = []
+    for leaf, m, inverse, o, spec in zip(leaves, matrices, inverses, ortho, specs):
+      o = inverse(o * shape_scale(*m.shape[1:], scale)).astype(leaf.dtype)
+      out.append(o if spec is None else lax.with_sharding_constraint(o, spec))
     return jax.tree.unflatten(treedef, out), ScaleByMuonState(momentum=momentum)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -430,14 +527,15 @@ def _check_float_params(params):
       )
 
 
-def _restrict_to_muon_leaves(dims_tree):
-  """A full-params tree of dimension numbers as a function of the masked Muon subtree."""
+def _restrict_to_muon_leaves(tree):
+  """A full-params tree (of dimension numbers, of specs) as a function of the masked Muon
+  subtree."""
 
   def restricted(masked_params):
     return jax.tree.map(
       lambda m, d: m if isinstance(m, optax.MaskedNode) else d,
       masked_params,
-      dims_tree,
+      tree,
       is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
 
@@ -464,6 +562,8 @@ def muon(
   compute_dtype: Any = None,
   scale: str = "spectral",
   stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  shard_axis: str | None = None,
+  param_specs: Any = None,
 ) -> optax.GradientTransformation:
   """Muon on hidden matrices, AdamW on everything else: MuLoCo's inner optimizer.
 
@@ -494,9 +594,13 @@ def muon(
   `muon_weight_dimension_numbers` (one `MuonDimensionNumbers`, a tree of them
   over the full params with None for the default, or a function of the Muon
   params; see `dimension_numbers_tree`).  Our own: `adam_eps`, `labels`,
-  `compute_dtype` (Newton-Schulz dtype), `scale` (see `shape_scale`) and
+  `compute_dtype` (Newton-Schulz dtype), `scale` (see `shape_scale`),
   `stacked_axes` (the rule for a leaf's leading layer axes, also used by the
-  default `labels` and `weight_decay_mask`).
+  default `labels` and `weight_decay_mask`), and for FSDP-sharded params
+  `shard_axis` and `param_specs` (a tree of `PartitionSpec`s over the full
+  params, or a function of the Muon params): with a mesh axis `shard_axis` of
+  size F > 1 in context, each device orthogonalizes 1/F of the hidden
+  matrices of each shape rather than all of them (see `scale_by_muon`).
   """
   adam_learning_rate = learning_rate if adam_learning_rate is None else adam_learning_rate
   if labels is muon_labels:
@@ -506,6 +610,9 @@ def muon(
   dims = muon_weight_dimension_numbers
   if dims is not None and not callable(dims) and not isinstance(dims, MuonDimensionNumbers):
     dims = _restrict_to_muon_leaves(dims)
+  specs = param_specs
+  if specs is not None and not callable(specs):
+    specs = _restrict_to_muon_leaves(specs)
   muon_part = optax.chain(
     scale_by_muon(
       ns_coeffs=ns_coeffs,
@@ -518,6 +625,8 @@ def muon(
       compute_dtype=compute_dtype,
       scale=scale,
       stacked_axes=stacked_axes,
+      shard_axis=shard_axis,
+      param_specs=specs,
     ),
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),

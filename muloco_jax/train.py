@@ -1,9 +1,9 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`.
 
-One loop serves every method: an *algorithm* object owns the mesh, the jitted
-step(s) and the state layout.  `DataParallel` is synchronous data parallelism
-(AdamW, Muon or SGD baselines); `DiLoCoAlgorithm` runs K DiLoCo workers with
-an outer sync every H steps (MuLoCo when the inner optimizer is Muon).
+One loop serves every method: a `muloco_jax.runtime` object owns the mesh, the
+jitted step(s) and the state layout.  `runtime.DataParallel` is synchronous data
+parallelism (AdamW, Muon or SGD baselines); `runtime.DiLoCo` runs K DiLoCo
+workers with an outer sync every H steps (MuLoCo when the inner optimizer is Muon).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -26,8 +25,6 @@ import numpy as np
 import optax
 import tqdm
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from muloco_jax import checkpoint as checkpoint_lib
 from muloco_jax import config as config_lib
@@ -36,10 +33,10 @@ from muloco_jax import diloco as diloco_lib
 from muloco_jax import layout
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import model as model_lib
+from muloco_jax import fragments as fragments_lib
 from muloco_jax import optim
-
-# Batches are split over every device of the ("worker", "data") mesh.
-ALL_DEVICES = P((diloco_lib.WORKER_AXIS, diloco_lib.DATA_AXIS))
+from muloco_jax import runtime
+from muloco_jax import sharding
 
 
 # ----------------------------------------------------------------------------
@@ -138,170 +135,54 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return core
 
 
-# ----------------------------------------------------------------------------
-# Algorithms: how a step updates the state.
-
-
-class TrainState(NamedTuple):
-  """Data-parallel training state."""
-
-  params: Any
-  opt_state: Any
-  step: jax.Array
-
-
-class DataParallel:
-  """Synchronous data parallelism over every device: the gradient of the global batch."""
-
-  def __init__(self, loss_fn, tx: optax.GradientTransformation, mesh):
-    self.mesh, self._tx = mesh, tx
-    replicated = NamedSharding(mesh, P())
-    self.batch_sharding = NamedSharding(mesh, ALL_DEVICES)
-
-    def train_step(state, batch):
-      loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      return (
-        TrainState(params, opt_state, state.step + 1),
-        {"train_loss": loss, "grad_norm": optax.tree.norm(grads)},
-      )
-
-    self._init = jax.jit(
-      lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)), out_shardings=replicated
-    )
-    self._step = jax.jit(
-      train_step, donate_argnums=0, in_shardings=(replicated, self.batch_sharding)
-    )
-
-  def init(self, params):
-    return self._init(params)
-
-  def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
-    """This process's rows of the global batch -> global arrays split over every device."""
-    return {
-      k: diloco_lib.place_rows(v, self.batch_sharding, (global_batch_size,) + v.shape[1:])
-      for k, v in local_batch.items()
-    }
-
-  def train_step(self, state, batch, step: int, final: bool):
-    del step, final
-    state, metrics = self._step(state, batch)
-    return state, metrics, []
-
-  @staticmethod
-  def params(state):
-    return state.params
-
-
-class DiLoCoAlgorithm:
-  """K DiLoCo workers on the ("worker", "data") mesh; outer syncs every H steps.
-
-  With F > 1 fragments (streaming DiLoCo), fragment f syncs at the steps where
-  (step - offset_f) % H == 0, offset_f = floor(H (f + 1) / F), as in the
-  authors' code; F = 1 syncs every H steps.  Pseudogradients are compressed when
-  `compression.kind` is not "none".  The last step syncs every fragment, so the
-  evaluated shared parameters include every inner step.
-  """
-
-  def __init__(self, loss_fn, inner_tx, config: ml_collections.ConfigDict, param_shapes, mesh):
-    d, c = config.diloco, config.compression
-    outer_tx = diloco_lib.outer_optimizer(d.outer_lr, d.outer_momentum, d.outer_nesterov)
-    fragments = (
-      diloco_lib.split_into_fragments(param_shapes, d.num_fragments)
-      if d.num_fragments > 1
-      else (None,)
-    )
-    compressed = c.kind != "none"
-    average = diloco_lib.psum_average
-    if compressed:
-      average = diloco_lib.compressed_average(
-        config_lib.compression_spec(config),
-        c.error_feedback,
-        c.error_decay,
-        config_lib.EXCLUDE_RULES[c.exclude],
-        c.requantize_average,
-      )
-    self.diloco = diloco_lib.DiLoCo(
-      loss_fn,
-      inner_tx,
-      outer_tx,
-      d.num_workers,
-      mesh,
-      average=average,
-      fragments=fragments,
-      error_feedback=compressed and c.error_feedback,
-    )
-    self.mesh, self.sync_every = self.diloco.mesh, d.sync_every
-    self.num_workers = d.num_workers
-    self.offsets = [d.sync_every * (f + 1) // len(fragments) for f in range(len(fragments))]
-    self.drop_schedule = config_lib.drop_schedule(config)
-
-  def active_workers(self, step: int) -> np.ndarray:
-    """Bool [K]: the workers not lost at `step` (see `diloco.drop_workers`)."""
-    active = np.ones(self.num_workers, bool)
-    for worker, start, end in self.drop_schedule:
-      if start <= step < end:
-        active[worker] = False
-    return active
-
-  def init(self, params):
-    return self.diloco.init(params)
-
-  def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
-    """This process's rows of the global batch -> ``[K, B/K, ...]`` global arrays."""
-    return self.diloco.shard_batch(local_batch, global_batch_size)
-
-  def train_step(self, state, batch, step: int, final: bool):
-    # Per-worker [K] metrics stay on the device; the loop averages them when it logs.
-    state, inner = self.diloco.inner_step(state, batch)
-    metrics = {"train_loss": inner["loss"], "grad_norm": inner["grad_norm"]}
-    due = [
-      f for f, offset in enumerate(self.offsets) if final or (step - offset) % self.sync_every == 0
-    ]
-    syncs = []
-    active = self.active_workers(step) if self.drop_schedule and due else None
-    if active is not None and not active.all():
-      logging.warning(
-        "Step %d: workers %s are lost and miss this sync; averaging over the %d survivors.",
-        step,
-        np.flatnonzero(~active).tolist(),
-        active.sum(),
-      )
-    for fragment in due:
-      state, sync_metrics = self.diloco.outer_sync(state, active, fragment_index=fragment)
-      syncs.append(dict(sync_metrics, worker_train_loss=inner["loss"]))
-    return state, metrics, syncs
-
-  @staticmethod
-  def params(state):
-    return state.params
-
-
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-  """The run's ("worker", "data") mesh over every device of `devices` (default: all; see
-  `diloco.mesh_for_workers`); raises a ValueError naming `train.batch_size` or
+  """The run's ("worker", "fsdp") mesh over every device of `devices` (default: all; see
+  `sharding.mesh_for_workers`); raises a ValueError naming `train.batch_size` or
   `train.eval_batch_size` when a batch does not split evenly over it."""
-  devices = list(jax.devices() if devices is None else devices)
   d, tc = config.diloco, config.train
-  if d.num_workers == 0:
-    mesh = diloco_lib.make_mesh(1, len(devices), devices)
-  else:
-    mesh = diloco_lib.mesh_for_workers(d.num_workers, devices, d.data_parallelism)
-  diloco_lib.check_batch_size("train.batch_size", tc.batch_size, max(d.num_workers, 1), mesh)
-  diloco_lib.check_batch_size(
+  mesh = sharding.mesh_for_workers(d.num_workers, devices, d.fsdp)
+  workers = d.num_workers or mesh.shape[sharding.WORKER_AXIS]
+  sharding.check_batch_size("train.batch_size", tc.batch_size, workers, mesh)
+  sharding.check_batch_size(
     "train.eval_batch_size",
     tc.eval_batch_size or tc.batch_size,
-    mesh.shape[diloco_lib.WORKER_AXIS],
+    mesh.shape[sharding.WORKER_AXIS],
     mesh,
   )
   return mesh
 
 
 def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes, mesh):
-  if config.diloco.num_workers == 0:
-    return DataParallel(loss_fn, tx, mesh)
-  return DiLoCoAlgorithm(loss_fn, tx, config, param_shapes, mesh)
+  """`runtime.DataParallel` (diloco.num_workers = 0) or `runtime.DiLoCo` from the config."""
+  d, c = config.diloco, config.compression
+  if d.num_workers == 0:
+    return runtime.DataParallel(loss_fn, tx, mesh)
+  compressed = c.kind != "none"
+  average = diloco_lib.psum_average
+  if compressed:
+    average = diloco_lib.compressed_average(
+      config_lib.compression_spec(config),
+      c.error_feedback,
+      c.error_decay,
+      config_lib.EXCLUDE_RULES[c.exclude],
+      c.requantize_average,
+    )
+  return runtime.DiLoCo(
+    loss_fn,
+    tx,
+    diloco_lib.outer_optimizer(d.outer_lr, d.outer_momentum, d.outer_nesterov),
+    d.num_workers,
+    mesh,
+    average=average,
+    fragments=(
+      fragments_lib.split_into_fragments(param_shapes, d.num_fragments)
+      if d.num_fragments > 1
+      else (None,)
+    ),
+    sync_every=d.sync_every,
+    error_feedback=compressed and c.error_feedback,
+    drops=config_lib.drop_schedule(config),
+  )
 
 
 def fetch(tree):
@@ -337,8 +218,8 @@ def _sync_record(syncs: list[dict]) -> dict:
 def make_evaluate(loss_fn, mesh, data: data_lib.LMData, config: ml_collections.ConfigDict):
   """evaluate(params) -> {eval_loss, eval_perplexity} over train.eval_steps batches."""
   batch_size = config.train.eval_batch_size or config.train.batch_size
-  sharding = NamedSharding(mesh, ALL_DEVICES)
-  eval_loss = jax.jit(loss_fn, in_shardings=(NamedSharding(mesh, P()), sharding))
+  rows = jax.NamedSharding(mesh, jax.P(sharding.AXES))
+  eval_loss = jax.jit(loss_fn)  # the params keep the state's sharding
 
   def evaluate(params):
     iterator = data.eval_iterator(
@@ -347,10 +228,7 @@ def make_evaluate(loss_fn, mesh, data: data_lib.LMData, config: ml_collections.C
     losses = [
       eval_loss(
         params,
-        {
-          k: diloco_lib.place_rows(v, sharding, (batch_size,) + v.shape[1:])
-          for k, v in batch.items()
-        },
+        {k: sharding.place_rows(v, rows, (batch_size,) + v.shape[1:]) for k, v in batch.items()},
       )
       for batch in iterator
     ]
@@ -474,6 +352,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from the checkpoint at step %d.", start_step)
   writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
   writer.truncate_after(start_step)
+  # Goes into the first record this run writes.
+  first_record = {"state_bytes_per_device": sharding.state_bytes_per_device(state)}
+
+  def write(logged_step: int, host_record: dict) -> None:
+    writer.write(logged_step, {**host_record, **first_record})
+    first_record.clear()
+
   evaluate = make_evaluate(loss_fn, algorithm.mesh, data, config)
 
   tokens_per_step = tc.batch_size * config.data.seq_len
@@ -500,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if logged_step == current_step:
         current = host_record
       else:
-        writer.write(logged_step, host_record)
+        write(logged_step, host_record)
     pending.clear()
     return current
 
@@ -539,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if eval_step:
         record.update(evaluate(algorithm.params(state)))
       if log_step or eval_step:
-        writer.write(step, record)
+        write(step, record)
       preempted = preemption.requested(agree=log_step or save_step)
       if save_step or preempted:
         drain()

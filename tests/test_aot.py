@@ -48,8 +48,10 @@ TINY = [
 
 
 def test_muloco_fits_and_syncs_across_workers():
-  """MuLoCo K=2 on 4 v5p chips (2 workers x 2 devices): both programs fit; the outer sync
-  all-reduces one worker's float32 pseudogradient across the worker axis."""
+  """MuLoCo K=2 on 4 v5p chips (2 workers x fsdp 2): both programs fit, the train state is 1/4
+  of a replicated one, and the outer sync moves each worker's float32 parameters to the owners
+  of the shared shards (all-to-all) and gathers the new shared parameters back (all-gather),
+  both across workers; nothing parameter-sized is all-reduced."""
   result = _aot("muloco", "v5p:2x2x1", *TINY, "--config.diloco.num_workers=2")
   assert result.returncode == 0, result.stderr[-5000:]
   summary = _summary(result)
@@ -63,11 +65,17 @@ def test_muloco_fits_and_syncs_across_workers():
   assert summary["peak_bytes_per_device"] == max(
     p["peak_bytes"] for p in summary["programs"].values()
   )
+  # Every state leaf is split over the 4 chips (per-worker ones over worker x fsdp, the shared
+  # ones over fsdp and the worker axis), up to the replicated scalars.
+  assert 0.25 < summary["state_bytes_per_device"] / summary["state_bytes_total"] < 0.251
+  # The tiny model: 1.5M float32 parameters, 5.9 MB; a worker's shard is half, an owned quarter.
+  params = 4 * 1475328
   collectives = summary["programs"]["outer_sync"]["collectives"]
-  assert collectives["all-reduce"]["cross_worker"] >= 1
-  # The tiny model's parameters (1.5M float32) are all-reduced once (plus the worker count).
-  assert 5e6 < collectives["all-reduce"]["operand_bytes"] < 7e6
-  assert "outer_sync: peak" in result.stdout and "all-reduce:" in result.stdout
+  for kind, share in (("all-to-all", 1 / 2), ("all-gather", 1 / 4)):
+    assert collectives[kind]["cross_worker"] >= 1
+    assert 0.9 * share < collectives[kind]["operand_bytes"] / params < 1.1 * share, kind
+  assert collectives["all-reduce"]["operand_bytes"] < 0.01 * params  # counts, norms, gains
+  assert "outer_sync: peak" in result.stdout and "all-to-all:" in result.stdout
 
 
 def test_data_parallel_fits():
@@ -104,7 +112,7 @@ def test_too_large_batch_does_not_fit():
     ("v9:2x2", [], "--topology='v9:2x2'"),
     ("v5p", [], "--topology='v5p' is not GENERATION:SHAPE"),
     ("v5e:2x2", ["--config.train.batch_size=6"], "train.batch_size=6"),
-    ("v5e:2x2", ["--config.diloco.data_parallelism=3"], "diloco.data_parallelism=3"),
+    ("v5e:2x2", ["--config.diloco.fsdp=3"], "diloco.fsdp=3"),
     ("v5e:2x2", ["--config.diloco.num_workers=2", "--config.train.batch_size=2"], "batch_size=2"),
     ("v5e:2x2", ["--config.model.size=2b"], "model.size='2b'"),
   ],
@@ -140,7 +148,7 @@ def test_15b_muloco_on_v5p_4x4x4():
   print({name: p["peak_bytes"] / GIB for name, p in summary["programs"].items()})
   assert result.returncode == 1
   assert summary["fits"] is False and summary["peak_bytes_per_device"] > summary["hbm_bytes"]
-  assert "does not fit" in result.stderr and "FSDP" in result.stderr
+  assert "does not fit" in result.stderr and "diloco.fsdp" in result.stderr
 
 
 def test_collectives_parser():
@@ -158,14 +166,21 @@ def test_collectives_parser():
       "  %ags = (bf16[64]{0}, bf16[128]{0}) all-gather-start(%q), channel_id=2, "
       "replica_groups={{0,1},{2,3}}, dimensions={0}",
       "  %agd = bf16[128]{0} all-gather-done(%ags)",
+      # Mesh-axes groups: 'axis_1' of [2,4]T(1,0) as 4 x 2 = {0,4},{1,5},..: across the worker
+      # rows; 'axis_1' of a plain 2 x 2 iota = {0,1},{2,3}: inside them.
+      "  %a2a = f32[8,128]{1,0} all-to-all(%p), channel_id=4, replica_groups=mesh['axis_0'=4,"
+      "'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}",
+      "  %cp = f32[8,128]{1,0} all-to-all(%p), channel_id=5, replica_groups=mesh['axis_0'=2,"
+      "'axis_1'=2] {'axis_1'}, dimensions={0}",
       '  %s = (f32[8,128]{1,0}, u32[], token[]) send(%p, %tok), channel_id=3, frontend_attributes='
       '{_xla_megascale_transfer_type="ALL_REDUCE"}',
       "  ROOT %t = (f32[8,128]{1,0}) tuple(%ar)",
     ]
   )
-  found = aot.collectives(hlo, data_parallelism=2, dcn_crosses_workers=True)
+  found = aot.collectives(hlo, fsdp=2, dcn_crosses_workers=True)
   assert found["collectives"] == {
     "all-reduce": {"count": 1, "operand_bytes": 4096, "cross_worker": 1},
+    "all-to-all": {"count": 2, "operand_bytes": 8192, "cross_worker": 1},
     "all-gather": {"count": 1, "operand_bytes": 128, "cross_worker": 0},
     "dcn-all-reduce": {"count": 1, "operand_bytes": 4096, "cross_worker": 1},
   }

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from muloco_jax import diloco
+from muloco_jax import diloco, runtime, sharding
+from muloco_jax import fragments as fragments_lib
 
 IN_DIM, HIDDEN, CLASSES = 6, 8, 3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,8 +64,8 @@ def run(trainer, rounds, inner_steps, rows, seed=0):
 def test_k1_h1_is_data_parallel_sgd(data):
   """(a) K=1, H=1, inner SGD, outer SGD(lr 1, momentum 0) == data-parallel SGD."""
   sgd = optax.sgd(0.3)
-  trainer = diloco.DiLoCo(
-    loss_fn, sgd, diloco.outer_optimizer(1.0, 0.0), 1, diloco.make_mesh(1, data)
+  trainer = runtime.DiLoCo(
+    loss_fn, sgd, diloco.outer_optimizer(1.0, 0.0), 1, sharding.make_mesh(1, data)
   )
   state = trainer.init(make_params())
 
@@ -92,7 +93,7 @@ def test_identical_data_equals_single_worker():
   inner, outer = optax.adamw(1e-2), diloco.outer_optimizer(0.7, 0.9)
   batches = [[make_batch(r * 3 + h, 4) for h in range(3)] for r in range(2)]
   reference = []
-  single = diloco.DiLoCo(loss_fn, inner, outer, 1, diloco.make_mesh(1, 1))
+  single = runtime.DiLoCo(loss_fn, inner, outer, 1, sharding.make_mesh(1, 1))
   state = single.init(make_params())
   for round_batches in batches:
     for batch in round_batches:
@@ -100,8 +101,8 @@ def test_identical_data_equals_single_worker():
     state, _ = single.outer_sync(state)
     reference.append(host(state.params))
 
-  for k, mesh in [(4, diloco.make_mesh(4, 1)), (8, diloco.make_mesh(1, 1))]:
-    multi = diloco.DiLoCo(loss_fn, inner, outer, k, mesh)
+  for k, mesh in [(4, sharding.make_mesh(4, 1)), (8, sharding.make_mesh(1, 1))]:
+    multi = runtime.DiLoCo(loss_fn, inner, outer, k, mesh)
     state = multi.init(make_params())
     for round_batches, theta in zip(batches, reference):
       for batch in round_batches:
@@ -119,8 +120,8 @@ def test_identical_data_equals_single_worker():
 def test_outer_step_is_nesterov_sgd_on_mean_pseudogradient():
   """(c) theta <- theta_ref - lr (delta + mu u), u <- mu u + delta, delta = mean_k delta_k."""
   lr, mu, k = 0.7, 0.9, 4
-  trainer = diloco.DiLoCo(
-    loss_fn, optax.sgd(0.1, momentum=0.5), diloco.outer_optimizer(lr, mu), k, diloco.make_mesh(4, 1)
+  trainer = runtime.DiLoCo(
+    loss_fn, optax.sgd(0.1, momentum=0.5), diloco.outer_optimizer(lr, mu), k, sharding.make_mesh(4, 1)
   )
   state = trainer.init(make_params())
   velocity = jax.tree.map(np.zeros_like, make_params())
@@ -156,7 +157,7 @@ def test_layout_independence():
   """(d) K=4 on 1, 2, 4 worker devices, on worker=2 x data=2, and unsharded (pure functions)."""
   inner, outer = optax.adamw(1e-2), diloco.outer_optimizer()
   results = [
-    run(diloco.DiLoCo(loss_fn, inner, outer, 4, diloco.make_mesh(w, d)), 2, 3, 16)
+    run(runtime.DiLoCo(loss_fn, inner, outer, 4, sharding.make_mesh(w, d)), 2, 3, 16)
     for w, d in [(1, 1), (2, 1), (4, 1), (2, 2)]
   ]
 
@@ -175,9 +176,9 @@ def test_layout_independence():
 
 def test_batch_and_worker_validation():
   with pytest.raises(ValueError, match="diloco.num_workers"):
-    diloco.DiLoCo(loss_fn, optax.sgd(0.1), diloco.outer_optimizer(), 6, diloco.make_mesh(4, 1))
-  trainer = diloco.DiLoCo(
-    loss_fn, optax.sgd(0.1), diloco.outer_optimizer(), 4, diloco.make_mesh(2, 2)
+    runtime.DiLoCo(loss_fn, optax.sgd(0.1), diloco.outer_optimizer(), 6, sharding.make_mesh(4, 1))
+  trainer = runtime.DiLoCo(
+    loss_fn, optax.sgd(0.1), diloco.outer_optimizer(), 4, sharding.make_mesh(2, 2)
   )
   with pytest.raises(ValueError, match="train.batch_size"):
     trainer.shard_batch(make_batch(0, 10))
@@ -193,13 +194,13 @@ COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|collec
 
 def test_inner_step_has_no_collectives():
   """(e) The compiled inner step communicates nothing; the compiled outer sync all-reduces."""
-  trainer = diloco.DiLoCo(
-    loss_fn, optax.adamw(1e-2), diloco.outer_optimizer(), 4, diloco.make_mesh(4, 1)
+  trainer = runtime.DiLoCo(
+    loss_fn, optax.adamw(1e-2), diloco.outer_optimizer(), 4, sharding.make_mesh(4, 1)
   )
   state = trainer.init(make_params())
   batch = trainer.shard_batch(make_batch(0, 16))
   inner_hlo = trainer._inner_step.lower(state, batch).compile().as_text()
-  active = diloco.place_rows(np.ones(4, bool), trainer.active_sharding, (4,))
+  active = sharding.place_rows(np.ones(4, bool), trainer.active_sharding, (4,))
   outer_hlo = trainer._outer_syncs[0].lower(state, active).compile().as_text()
   assert not COLLECTIVE.findall(inner_hlo)
   assert "all-reduce" in outer_hlo
@@ -208,8 +209,8 @@ def test_inner_step_has_no_collectives():
 def test_non_finite_and_inactive_workers_are_left_out():
   """(f) NaN workers and inactive workers drop out of the average; none left -> no step."""
   k, lr, mu = 4, 0.7, 0.9
-  trainer = diloco.DiLoCo(
-    loss_fn, optax.sgd(0.1, momentum=0.5), diloco.outer_optimizer(lr, mu), k, diloco.make_mesh(2, 1)
+  trainer = runtime.DiLoCo(
+    loss_fn, optax.sgd(0.1, momentum=0.5), diloco.outer_optimizer(lr, mu), k, sharding.make_mesh(2, 1)
   )
   state = trainer.init(make_params())
   for h in range(2):
@@ -328,11 +329,11 @@ def test_8bit_compressed_diloco_tracks_uncompressed_and_counts_bytes():
   inner, outer = optax.adamw(1e-2), diloco.outer_optimizer()
   params = make_stacked_params()
   spec = compression.CompressionSpec("statistical", bits=8, per_row=False)
-  mesh = diloco.make_mesh(2, 1)
-  plain, _ = run_stacked(diloco.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh), params)
+  mesh = sharding.make_mesh(2, 1)
+  plain, _ = run_stacked(runtime.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh), params)
   average = diloco.compressed_average(spec, error_feedback=True, error_decay=0.9)
   compressed, metrics = run_stacked(
-    diloco.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh, average=average, error_feedback=True),
+    runtime.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh, average=average, error_feedback=True),
     params,
   )
   for a, b in zip(jax.tree.leaves(host(plain.params)), jax.tree.leaves(host(compressed.params))):
@@ -348,12 +349,12 @@ def test_error_feedback_buffers_hold_what_was_not_sent():
   inner, outer = optax.sgd(0.1), diloco.outer_optimizer(1.0, 0.0, False)
   params = make_stacked_params()
   spec = compression.CompressionSpec("linear", bits=2)
-  trainer = diloco.DiLoCo(
+  trainer = runtime.DiLoCo(
     stacked_loss_fn,
     inner,
     outer,
     4,
-    diloco.make_mesh(4, 1),
+    sharding.make_mesh(4, 1),
     average=diloco.compressed_average(spec, error_decay=0.5),
     error_feedback=True,
   )
@@ -381,12 +382,12 @@ def test_sync_bytes_match_closed_form_and_two_bits_save_15x():
     (diloco.psum_average, 4 * sum(x.size for x in jax.tree.leaves(params))),
     (diloco.compressed_average(spec), compression.tree_compressed_nbytes(params, spec)),
   ]:
-    trainer = diloco.DiLoCo(
+    trainer = runtime.DiLoCo(
       stacked_loss_fn,
       inner,
       outer,
       2,
-      diloco.make_mesh(2, 1),
+      sharding.make_mesh(2, 1),
       average=average,
       error_feedback=average is not diloco.psum_average,
     )
@@ -405,26 +406,26 @@ def test_sync_bytes_match_closed_form_and_two_bits_save_15x():
 
 def test_streaming_fragments():
   params = make_stacked_params()
-  fragments = diloco.split_into_fragments(params, 2)
+  fragments = fragments_lib.split_into_fragments(params, 2)
   assert fragments == (
     ("layers_0", "layers_1", "embedding"),
     ("layers_2", "layers_3", "final_norm", "head"),
   )
   with pytest.raises(ValueError, match="diloco.num_fragments"):
-    diloco.split_into_fragments(params, 5)
+    fragments_lib.split_into_fragments(params, 5)
   inner, outer = optax.adamw(1e-2), diloco.outer_optimizer()
-  mesh = diloco.make_mesh(2, 1)
+  mesh = sharding.make_mesh(2, 1)
   # F=1 streaming is plain DiLoCo.
-  plain, _ = run_stacked(diloco.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh), params)
+  plain, _ = run_stacked(runtime.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh), params)
   one, _ = run_stacked(
-    diloco.DiLoCo(
-      stacked_loss_fn, inner, outer, 4, mesh, fragments=diloco.split_into_fragments(params, 1)
+    runtime.DiLoCo(
+      stacked_loss_fn, inner, outer, 4, mesh, fragments=fragments_lib.split_into_fragments(params, 1)
     ),
     params,
   )
   assert_trees_close(one.params, plain.params, rtol=0, atol=0)
   # Syncing fragment 0 moves only its parameters and its own outer state.
-  trainer = diloco.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh, fragments=fragments)
+  trainer = runtime.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh, fragments=fragments)
   state = trainer.init(params)
   for h in range(3):
     state, _ = trainer.inner_step(state, trainer.shard_batch(make_batch(h, 16)))
@@ -460,8 +461,8 @@ def test_reset_worker_keeps_its_place_in_the_lr_schedule(make_inner, request):
   """A worker that rejoins (or went non-finite) restarts its moments, not its lr schedule."""
   k = 2
   inner = make_inner(optax.linear_schedule(0.0, 0.5, transition_steps=10))
-  trainer = diloco.DiLoCo(
-    loss_fn, inner, diloco.outer_optimizer(0.7, 0.9), k, diloco.make_mesh(2, 1)
+  trainer = runtime.DiLoCo(
+    loss_fn, inner, diloco.outer_optimizer(0.7, 0.9), k, sharding.make_mesh(2, 1)
   )
   state = trainer.init(make_params())
 
@@ -492,24 +493,24 @@ def test_reset_worker_keeps_its_place_in_the_lr_schedule(make_inner, request):
 
 
 @pytest.mark.parametrize(
-  "num_workers, data_parallelism, shape",
+  "num_workers, fsdp, shape",
   [(4, 0, (4, 2)), (3, 0, (1, 8)), (16, 0, (8, 1)), (2, 0, (2, 4)), (4, 4, (2, 4)), (1, 0, (1, 8))],
 )
-def test_mesh_for_workers_uses_every_device(num_workers, data_parallelism, shape):
-  trainer = diloco.DiLoCo(
+def test_mesh_for_workers_uses_every_device(num_workers, fsdp, shape):
+  trainer = runtime.DiLoCo(
     loss_fn,
     optax.sgd(0.1),
     diloco.outer_optimizer(),
     num_workers,
-    data_parallelism=data_parallelism,
+    fsdp=fsdp,
   )
   assert trainer.mesh.size == len(jax.devices()) == 8
-  assert (trainer.mesh.shape["worker"], trainer.mesh.shape["data"]) == shape
+  assert (trainer.mesh.shape["worker"], trainer.mesh.shape["fsdp"]) == shape
   assert set(trainer.mesh.devices.flat) == set(jax.devices())
 
 
 def test_mesh_for_workers_refuses_a_layout_that_leaves_devices_out():
-  with pytest.raises(ValueError, match=r"diloco.data_parallelism=3 .* one of \[2, 4, 8\]"):
-    diloco.mesh_for_workers(4, data_parallelism=3)
-  with pytest.raises(ValueError, match=r"diloco.data_parallelism=1 .* one of \[2, 4, 8\]"):
-    diloco.mesh_for_workers(4, data_parallelism=1)
+  with pytest.raises(ValueError, match=r"diloco.fsdp=3 .* one of \[2, 4, 8\]"):
+    sharding.mesh_for_workers(4, fsdp=3)
+  with pytest.raises(ValueError, match=r"diloco.fsdp=1 .* one of \[2, 4, 8\]"):
+    sharding.mesh_for_workers(4, fsdp=1)

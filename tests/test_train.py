@@ -31,7 +31,8 @@ from muloco_jax import metrics as metrics_lib
 from muloco_jax import model as model_lib
 from muloco_jax import train
 
-TIMING = ("step_time", "tokens_per_sec")
+# Fields that depend on the invocation (wall clock; the state bytes of its first record).
+TIMING = ("step_time", "tokens_per_sec", "state_bytes_per_device")
 SYNC_KEYS = (
   "pseudograd_norm",
   "worker_train_loss",
@@ -121,7 +122,7 @@ def _run_and_die_after(monkeypatch, config, workdir, step):
 
 
 def _records(workdir):
-  """metrics.jsonl without the wall-clock fields."""
+  """metrics.jsonl without the per-invocation fields."""
   return [
     {k: v for k, v in r.items() if k not in TIMING} for r in metrics_lib.read_metrics(workdir)
   ]
@@ -284,7 +285,7 @@ def _set(config, dotted, value):
     ({"optimizer.warmup_steps": 24}, "optimizer.warmup_steps"),
     ({"data.seq_len": 4096}, "data.seq_len"),
     (
-      {"diloco.num_workers": 4, "diloco.data_parallelism": 2, "train.batch_size": 12},
+      {"diloco.num_workers": 4, "diloco.fsdp": 2, "train.batch_size": 12},
       "train.batch_size",
     ),
     ({"diloco.num_workers": 4, "diloco.sync_every": 0}, "diloco.sync_every"),
@@ -292,7 +293,8 @@ def _set(config, dotted, value):
       {"diloco.num_workers": 2, "diloco.sync_every": 1, "diloco.num_fragments": 2},
       "diloco.num_fragments",
     ),
-    ({"diloco.num_workers": 4, "diloco.data_parallelism": 3}, "diloco.data_parallelism"),
+    ({"diloco.num_workers": 4, "diloco.fsdp": 3}, "diloco.fsdp"),
+    ({"diloco.num_workers": 0, "diloco.fsdp": 3}, "diloco.fsdp"),
   ],
 )
 def test_bad_setting_raises_before_compiling(

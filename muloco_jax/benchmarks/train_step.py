@@ -43,6 +43,8 @@ import numpy as np
 
 from muloco_jax import config as config_lib
 from muloco_jax import diloco as diloco_lib
+from muloco_jax import runtime
+from muloco_jax import sharding
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import model as model_lib
 from muloco_jax import train
@@ -221,14 +223,14 @@ def main(argv):
         print(f"skipping K={k}: only {len(devices)} devices", flush=True)
         continue
       global_batch = _batch(rng, k * _BATCH.value)
-      dp = train.DataParallel(loss_fn, tx, diloco_lib.make_mesh(1, k))
+      dp = runtime.DataParallel(loss_fn, tx, sharding.make_mesh(1, k))
       dp_runner = _Runner(
         lambda s, b, dp=dp: dp.train_step(s, b, 0, False)[0],
         dp.init(params),
         dp.place_batch(global_batch, k * _BATCH.value),
       )
-      dl = diloco_lib.DiLoCo(
-        loss_fn, tx, diloco_lib.outer_optimizer(), k, mesh=diloco_lib.make_mesh(k, 1)
+      dl = runtime.DiLoCo(
+        loss_fn, tx, diloco_lib.outer_optimizer(), k, mesh=sharding.make_mesh(k, 1)
       )
       dl_runner = _Runner(
         lambda s, b, dl=dl: dl.inner_step(s, b)[0], dl.init(params), dl.shard_batch(global_batch)

@@ -1,0 +1,69 @@
+"""Streaming DiLoCo's fragments (Douillard et al. 2025, arXiv 2501.18512) and the sync schedule.
+
+A fragment is a set of top-level parameter keys synced together; ``None`` is the whole tree
+(plain DiLoCo).  ``SyncSchedule`` is the one place that decides which fragments sync at a step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+PyTree = Any
+# The top-level parameter keys a fragment holds; None: the whole tree.
+Fragment = "tuple[str, ...] | None"
+
+
+def subtree(tree: PyTree, fragment: Fragment) -> PyTree:
+  return tree if fragment is None else {key: tree[key] for key in fragment}
+
+
+def merge(tree: PyTree, part: PyTree, fragment: Fragment) -> PyTree:
+  return part if fragment is None else {**tree, **part}
+
+
+def split_into_fragments(params: dict, num_fragments: int) -> tuple[tuple[str, ...], ...]:
+  """Streaming DiLoCo's fragments: contiguous ranges of the blocks ``layers_0 .. layers_{L-1}``.
+
+  Fragment f holds blocks ``[f L / F, (f + 1) L / F)``; the embedding goes with the first
+  fragment and every other top-level parameter (final norm, output head) with the last.
+  """
+  layers = sorted(
+    (k for k in params if re.fullmatch(r"layers_\d+", k)), key=lambda k: int(k.split("_")[1])
+  )
+  if num_fragments < 1:
+    raise ValueError(f"diloco.num_fragments={num_fragments} must be >= 1")
+  if num_fragments > max(len(layers), 1):
+    raise ValueError(
+      f"diloco.num_fragments={num_fragments} exceeds the {len(layers)} "
+      "unscanned layers (model.scan_layers must be False for streaming)"
+    )
+  if num_fragments == 1:
+    return (tuple(params),)
+  fragments = [[] for _ in range(num_fragments)]
+  for i, key in enumerate(layers):
+    fragments[i * num_fragments // len(layers)].append(key)
+  for key in params:
+    if key not in layers:
+      fragments[0 if "embed" in key else -1].append(key)
+  return tuple(tuple(f) for f in fragments)
+
+
+class SyncSchedule:
+  """Which fragments sync after inner step ``step`` (steps count from 1).
+
+  With F fragments, fragment f syncs at the steps where (step - offset_f) % H == 0,
+  offset_f = floor(H (f + 1) / F), as in the authors' code; F = 1 syncs every H steps.  The
+  final step syncs every fragment, so the shared parameters include every inner step.
+  """
+
+  def __init__(self, sync_every: int, num_fragments: int = 1):
+    if sync_every < 1:
+      raise ValueError(f"diloco.sync_every={sync_every} must be >= 1")
+    self.sync_every = sync_every
+    self.offsets = [sync_every * (f + 1) // num_fragments for f in range(num_fragments)]
+
+  def due(self, step: int, final: bool = False) -> list[int]:
+    return [
+      f for f, offset in enumerate(self.offsets) if final or (step - offset) % self.sync_every == 0
+    ]

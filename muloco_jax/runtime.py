@@ -1,0 +1,410 @@
+"""Methods on a mesh: jitted, sharded steps of data parallelism and of DiLoCo.
+
+Both classes take a loss and optax optimizers, lay their state over a ``("worker", "fsdp")``
+mesh (``muloco_jax.sharding``) and offer what the training loop needs: ``init``,
+``place_batch``, ``train_step(state, batch, step, final) -> (state, metrics, syncs)``,
+``params`` (what is evaluated) and ``programs`` (the jitted functions with abstract arguments,
+for compiling ahead of time).  Layouts are built from the parameters' shapes at ``init`` (or
+``abstract_state``), so nothing touches a device before then and every program can be lowered
+from shapes alone (e.g. for a compile-only TPU topology).
+
+Every traced function runs with the mesh in context, so sharding constraints inside the step
+(Muon's all-to-all, the compressed exchange's gather) can name mesh axes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from muloco_jax import diloco
+from muloco_jax import fragments as fragments_lib
+from muloco_jax import sharding
+from muloco_jax.sharding import FSDP_AXIS, WORKER_AXIS
+
+PyTree = Any
+
+
+def _on_mesh(mesh: Mesh, fn: Callable) -> Callable:
+  """``fn`` traced with ``mesh`` in context (for sharding constraints naming its axes)."""
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
+
+
+def _shapes(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _abstract(shapes: PyTree, shardings: PyTree) -> PyTree:
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+
+
+def _place(params: PyTree, shardings: PyTree) -> PyTree:
+  """Host arrays (the same on every process) or global arrays -> arrays with ``shardings``."""
+  return jax.tree.map(
+    lambda x, s: x if isinstance(x, jax.Array) else sharding.place_rows(x, s, np.shape(x)),
+    params,
+    shardings,
+  )
+
+
+class _Layout:
+  """Builds a method's programs once per parameter shapes (lazily, at ``init``)."""
+
+  mesh: Mesh
+
+  def _build(self, param_shapes: PyTree) -> None:
+    raise NotImplementedError
+
+  def _ensure_built(self, params: PyTree) -> None:
+    shapes = _shapes(params)
+    if getattr(self, "_built_for", None) != shapes:
+      self._build(shapes)
+      self._built_for = shapes
+
+  def abstract_state(self, param_shapes: PyTree) -> PyTree:
+    """The state's ``ShapeDtypeStruct``s, with their shardings, for params of these shapes."""
+    self._ensure_built(param_shapes)
+    return _abstract(jax.eval_shape(self._init, param_shapes), self.state_sharding)
+
+  def init(self, params: PyTree) -> PyTree:
+    """The state on the mesh; ``params`` is a host pytree (the same on every process) or a tree
+    of global arrays."""
+    self._ensure_built(params)
+    return self._init(_place(params, self.init_sharding))
+
+
+class TrainState(NamedTuple):
+  """Data-parallel training state."""
+
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+
+class DataParallel(_Layout):
+  """Synchronous data parallelism: the gradient of the global batch, every device.
+
+  Parameters and optimizer state are FSDP-sharded over the mesh's ``fsdp`` axis and replicated
+  over its ``worker`` axis (plain replicas here); the batch is split over both.
+  """
+
+  def __init__(self, loss_fn, tx: optax.GradientTransformation, mesh: Mesh):
+    self.mesh, self._tx = mesh, tx
+    self._step_fn = diloco.optimizer_step(loss_fn, tx)
+    self.batch_sharding = jax.NamedSharding(mesh, P(sharding.AXES))
+
+  def _build(self, param_shapes):
+    mesh, tx = self.mesh, self._tx
+    param_specs = sharding.fsdp_specs(param_shapes, mesh.shape[FSDP_AXIS])
+    opt_specs = sharding.state_specs(
+      jax.eval_shape(tx.init, param_shapes), param_shapes, param_specs
+    )
+    self.init_sharding = sharding.named(mesh, param_specs)
+    self.state_sharding = sharding.named(mesh, TrainState(param_specs, opt_specs, P()))
+
+    def train_step(state, batch):
+      params, opt_state, metrics = self._step_fn(state.params, state.opt_state, batch)
+      return TrainState(params, opt_state, state.step + 1), {
+        "train_loss": metrics["loss"],
+        "grad_norm": metrics["grad_norm"],
+      }
+
+    self._init = jax.jit(
+      lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
+      out_shardings=self.state_sharding,
+    )
+    self._step = jax.jit(
+      _on_mesh(mesh, train_step),
+      donate_argnums=0,
+      in_shardings=(self.state_sharding, self.batch_sharding),
+      out_shardings=(self.state_sharding, jax.NamedSharding(mesh, P())),
+    )
+
+  def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
+    """This process's rows of the global batch -> global arrays split over every device."""
+    return {
+      k: sharding.place_rows(v, self.batch_sharding, (global_batch_size,) + v.shape[1:])
+      for k, v in local_batch.items()
+    }
+
+  def train_step(self, state, batch, step: int, final: bool):
+    del step, final
+    state, metrics = self._step(state, batch)
+    return state, metrics, []
+
+  def programs(self, param_shapes: PyTree, global_batch: dict) -> dict:
+    """{name: (jitted function, abstract arguments)}; ``global_batch``: ShapeDtypeStructs."""
+    state = self.abstract_state(param_shapes)
+    batch = _abstract(global_batch, {n: self.batch_sharding for n in global_batch})
+    return {"train_step": (self._step, (state, batch))}
+
+  @staticmethod
+  def params(state):
+    return state.params
+
+
+class DiLoCo(_Layout):
+  """K DiLoCo workers on a ``("worker", "fsdp")`` mesh (MuLoCo when the inner optimizer is Muon).
+
+  Each worker runs ``diloco.optimizer_step`` on its own batch; ``inner_step`` vmaps it over the
+  leading worker axis (``spmd_axis_name="worker"``), so the per-worker layout is the worker axis
+  prepended to one worker's FSDP sharding.  ``outer_sync`` averages the pseudogradients into
+  the shared parameters, which each worker row owns 1/W of (``sharding.owned_spec``).  The sync
+  schedule (which fragment syncs after which step, ``fragments.SyncSchedule``) and lost workers
+  (``drops``) are decided here, in ``train_step``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``; batch is a dict of arrays with a leading
+      batch axis (one worker's rows).
+    inner_tx, outer_tx: optax optimizers (``diloco.outer_optimizer()`` is the usual outer one).
+    num_workers: K.
+    mesh: a ``("worker", "fsdp")`` mesh; K must be divisible by its ``worker`` size.  None:
+      ``sharding.mesh_for_workers(K, devices, fsdp)``, which uses every device.
+    average: the averager (``diloco.psum_average``, or ``diloco.compressed_average(...)``).
+    fragments: streaming DiLoCo's fragments (``fragments.split_into_fragments``); default one
+      fragment, the whole tree.
+    sync_every: H, inner steps between two syncs of a fragment.
+    error_feedback: keep per-worker error-feedback buffers in the state (for an averager built
+      with ``compressed_average(error_feedback=True)``).
+    drops: ``(worker, start, end)`` triples: the worker is lost for steps ``[start, end)`` and
+      misses the syncs in that window.
+
+  Batches have leaves ``[K, B/K, ...]`` sharded ``P("worker", "fsdp")`` (``shard_batch`` makes
+  them from rows); the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step`` and
+  ``outer_sync`` donate the state.
+  """
+
+  def __init__(
+    self,
+    loss_fn: diloco.LossFn,
+    inner_tx: optax.GradientTransformation,
+    outer_tx: optax.GradientTransformation,
+    num_workers: int,
+    mesh: Mesh | None = None,
+    *,
+    devices=None,
+    fsdp: int = 0,
+    average: diloco.Averager = diloco.psum_average,
+    fragments: "tuple[fragments_lib.Fragment, ...]" = (None,),
+    sync_every: int = 30,
+    error_feedback: bool = False,
+    drops: tuple = (),
+  ):
+    if mesh is None:
+      mesh = sharding.mesh_for_workers(num_workers, devices, fsdp)
+    if tuple(mesh.axis_names) != sharding.AXES:
+      raise ValueError(f"mesh axes must be {sharding.AXES}, got {mesh.axis_names}")
+    worker_size = mesh.shape[WORKER_AXIS]
+    if num_workers < 1 or num_workers % worker_size:
+      raise ValueError(
+        f"diloco.num_workers={num_workers} must be a positive multiple of the "
+        f"mesh 'worker' axis size {worker_size}"
+      )
+    self.loss_fn, self.inner_tx, self.outer_tx = loss_fn, inner_tx, outer_tx
+    self.num_workers, self.mesh, self.fragments = num_workers, mesh, tuple(fragments)
+    self.average, self.error_feedback, self.drops = average, error_feedback, tuple(drops)
+    self.schedule = fragments_lib.SyncSchedule(sync_every, len(self.fragments))
+    self.batch_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS, FSDP_AXIS))
+    self.active_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS))
+
+  def _build(self, param_shapes):
+    mesh, inner_tx, outer_tx = self.mesh, self.inner_tx, self.outer_tx
+    k, fragments = self.num_workers, self.fragments
+    worker_specs = sharding.fsdp_specs(param_shapes, mesh.shape[FSDP_AXIS])
+    owned = sharding.owned_specs(param_shapes, worker_specs, mesh)
+    inner_specs = sharding.state_specs(
+      jax.eval_shape(inner_tx.init, param_shapes), param_shapes, worker_specs
+    )
+    outer_specs = tuple(
+      sharding.state_specs(
+        jax.eval_shape(outer_tx.init, fragments_lib.subtree(param_shapes, f)),
+        fragments_lib.subtree(param_shapes, f),
+        fragments_lib.subtree(owned, f),
+      )
+      for f in fragments
+    )
+    stacked = lambda specs: jax.tree.map(
+      sharding.per_worker, specs, is_leaf=lambda s: isinstance(s, P)
+    )
+    specs = diloco.DiLoCoState(
+      params=owned,
+      outer_opt_state=outer_specs,
+      worker_params=stacked(worker_specs),
+      worker_opt_state=stacked(inner_specs),
+      error=stacked(worker_specs) if self.error_feedback else {},
+      step=P(),
+    )
+    self.state_sharding = sharding.named(mesh, specs)
+    self.init_sharding = self.state_sharding.params
+    replicated = jax.NamedSharding(mesh, P())
+
+    def init(params):
+      return diloco.init(params, inner_tx, outer_tx, k, fragments, self.error_feedback)
+
+    def inner(state, batch):
+      return diloco.inner_step(state, batch, self.loss_fn, inner_tx, spmd_axis_name=WORKER_AXIS)
+
+    # Uncompressed, the workers' parameters move to the owners of the shared shards (an
+    # all-to-all) and the average is local there.  Compressed, each worker encodes its own
+    # pseudogradient where it is, and the packed payloads travel (`compressed_average`).
+    to_owners = sharding.named(mesh, jax.tree.map(lambda s: P(None, *s), owned))
+
+    def regroup(fragment_index, worker_params):
+      target = fragments_lib.subtree(to_owners, fragments[fragment_index])
+      return jax.lax.with_sharding_constraint(worker_params, target)
+
+    def outer(fragment_index, state, active):
+      state, metrics = diloco.outer_sync(
+        state,
+        inner_tx,
+        outer_tx,
+        active,
+        self.average,
+        fragments,
+        fragment_index,
+        regroup=None
+        if self.error_feedback or self.average is not diloco.psum_average
+        else functools.partial(regroup, fragment_index),
+      )
+      per_worker = {k: v for k, v in metrics.items() if k.startswith("worker_")}
+      return state, {k: v for k, v in metrics.items() if k not in per_worker}, per_worker
+
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    self._inner_step = jax.jit(
+      _on_mesh(mesh, inner),
+      donate_argnums=0,
+      in_shardings=(self.state_sharding, self.batch_sharding),
+      out_shardings=(self.state_sharding, self.active_sharding),
+    )
+    self._outer_syncs = tuple(
+      jax.jit(
+        _on_mesh(mesh, functools.partial(outer, f)),
+        donate_argnums=0,
+        in_shardings=(self.state_sharding, self.active_sharding),
+        out_shardings=(self.state_sharding, replicated, self.active_sharding),
+      )
+      for f in range(len(fragments))
+    )
+
+  def programs(self, param_shapes: PyTree, global_batch: dict) -> dict:
+    """{name: (jitted function, abstract arguments)} of the inner step and the (first) outer
+    sync; ``global_batch``: ShapeDtypeStructs of ``[B, ...]`` rows."""
+    state = self.abstract_state(param_shapes)
+    k = self.num_workers
+    batch = _abstract(
+      {
+        n: jax.ShapeDtypeStruct((k, x.shape[0] // k) + x.shape[1:], x.dtype)
+        for n, x in global_batch.items()
+      },
+      {n: self.batch_sharding for n in global_batch},
+    )
+    active = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self.active_sharding)
+    return {
+      "inner_step": (self._inner_step, (state, batch)),
+      "outer_sync": (self._outer_syncs[0], (state, active)),
+    }
+
+  def shard_batch(self, batch: dict, global_batch_size: int | None = None) -> dict:
+    """Rows ``[B, ...]`` -> ``[K, B/K, ...]`` on the mesh (worker k gets rows
+    ``[k B/K, (k+1) B/K)`` of the global batch).
+
+    ``global_batch_size`` None: ``batch`` is the whole global batch (every process passes the
+    same one and places its own shards).  Otherwise ``batch`` holds this process's consecutive
+    rows of a global batch of that size (processes in order).
+    """
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+      raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
+    rows = sizes.pop()
+    global_batch_size = rows if global_batch_size is None else global_batch_size
+    sharding.check_batch_size("train.batch_size", global_batch_size, self.num_workers, self.mesh)
+    k = self.num_workers
+    per_worker = global_batch_size // k
+
+    def place(x):
+      x = np.asarray(x)
+      # This process's rows split into whole workers, or (fewer rows) part of one worker's.
+      local = x.reshape((-1, per_worker) + x.shape[1:]) if rows >= per_worker else x[None]
+      return sharding.place_rows(local, self.batch_sharding, (k, per_worker) + x.shape[1:])
+
+    return jax.tree.map(place, batch)
+
+  place_batch = shard_batch
+
+  def inner_step(self, state: diloco.DiLoCoState, batch: dict) -> tuple[diloco.DiLoCoState, dict]:
+    """One inner step of all K workers (see ``diloco.inner_step``); ``batch`` leaves are
+    ``[K, B/K, ...]`` (see ``shard_batch``).  Metrics: ``loss``, ``grad_norm``, each ``[K]``."""
+    for x in jax.tree.leaves(batch):
+      if x.ndim < 2 or x.shape[0] != self.num_workers:
+        raise ValueError(
+          f"batch leaves must be [diloco.num_workers={self.num_workers}, "
+          f"B/K, ...], got shape {x.shape}; use shard_batch"
+        )
+      sharding.check_batch_size(
+        "train.batch_size", x.shape[0] * x.shape[1], self.num_workers, self.mesh
+      )
+    return self._inner_step(state, batch)
+
+  def outer_sync(
+    self, state: diloco.DiLoCoState, active=None, fragment_index: int = 0
+  ) -> tuple[diloco.DiLoCoState, dict]:
+    """Outer sync of one fragment (default: the only one) over all K workers (see
+    ``diloco.outer_sync``); ``active`` is an optional bool ``[K]`` mask.  Metrics:
+    ``pseudograd_norm``, ``num_contributing``, ``sync_bytes`` (scalars) and
+    ``worker_pseudograd_norm``, ``worker_cosine``, ``worker_contributed``,
+    ``worker_opt_state_reset`` (``[K]``)."""
+    if not isinstance(active, jax.Array):
+      active = np.ones(self.num_workers, bool) if active is None else np.asarray(active, bool)
+      if active.shape != (self.num_workers,):
+        raise ValueError(f"active must have shape ({self.num_workers},), got {active.shape}")
+      active = sharding.place_rows(active, self.active_sharding, active.shape)
+    state, scalars, per_worker = self._outer_syncs[fragment_index](state, active)
+    return state, {**scalars, **per_worker}
+
+  def active_workers(self, step: int) -> np.ndarray:
+    """Bool [K]: the workers not lost at ``step`` (see ``drops``)."""
+    active = np.ones(self.num_workers, bool)
+    for worker, start, end in self.drops:
+      if start <= step < end:
+        active[worker] = False
+    return active
+
+  def train_step(self, state, batch, step: int, final: bool):
+    """The inner step, then the syncs due after it.  Per-worker ``[K]`` metrics stay on the
+    device; the loop averages them when it logs."""
+    state, inner = self.inner_step(state, batch)
+    metrics = {"train_loss": inner["loss"], "grad_norm": inner["grad_norm"]}
+    due = self.schedule.due(step, final)
+    active = self.active_workers(step) if self.drops and due else None
+    if active is not None and not active.all():
+      logging.warning(
+        "Step %d: workers %s are lost and miss this sync; averaging over the %d survivors.",
+        step,
+        np.flatnonzero(~active).tolist(),
+        active.sum(),
+      )
+    syncs = []
+    for fragment in due:
+      state, sync_metrics = self.outer_sync(state, active, fragment)
+      syncs.append(dict(sync_metrics, worker_train_loss=inner["loss"]))
+    return state, metrics, syncs
+
+  @staticmethod
+  def params(state):
+    return state.params

@@ -1,0 +1,268 @@
+"""The device mesh and how every array of a run is laid over it.
+
+Mesh axes ``("worker", "fsdp")``.  A DiLoCo worker is one row of the ``worker`` axis (or part of
+one: with K > W rows, K / W workers share a row, vmapped); inside a worker, ``fsdp`` splits both
+the batch and every parameter, optimizer-state and error-feedback leaf (ZeRO-3: XLA gathers a
+layer's weights where the forward and backward passes need them and reduce-scatters gradients,
+from the shardings alone).  Per-worker shardings come from one rule, ``fsdp_spec``; DiLoCo
+prepends the worker axis to them (``per_worker``), and shards the shared parameters and the outer
+optimizer state over the worker axis too (``owned_spec``), so each worker row owns 1/W of them.
+Data parallelism (K = 0) uses the same rule, with the ``worker`` axis as plain replicas.
+
+Everything here works from shapes (``jax.ShapeDtypeStruct``) as well as arrays, so programs can
+be compiled for a topology that is not attached (``muloco_jax.aot``).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from muloco_jax import layout
+
+WORKER_AXIS = "worker"
+FSDP_AXIS = "fsdp"
+AXES = (WORKER_AXIS, FSDP_AXIS)
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------
+# The mesh.
+
+
+def _granules(devices) -> tuple[int, bool]:
+  """(number of groups joined by slow links, whether those groups are processes).
+
+  TPU slices (``slice_index``) are joined by the data-centre network, while the hosts of one
+  slice share its chip-to-chip links; elsewhere (GPU, CPU) each process (host) is a group.
+  """
+  if all(hasattr(d, "slice_index") for d in devices):
+    return len({d.slice_index for d in devices}), False
+  processes = {d.process_index for d in devices}
+  return len(processes), len(processes) > 1
+
+
+def make_mesh(worker_parallelism: int, fsdp: int = 1, devices=None) -> Mesh:
+  """A ``("worker", "fsdp")`` mesh of exactly ``worker_parallelism x fsdp`` devices.
+
+  ``devices`` defaults to ``jax.devices()`` and must hold at least that many; the first ones
+  are used (``mesh_for_workers`` uses all of them).  The grid comes from jax's mesh utilities:
+  across slices or hosts (``mesh_utils.create_hybrid_device_mesh``) the ``worker`` axis takes
+  the slow links and ``fsdp`` the fast ones inside a slice or host; ``fsdp`` spans the slow
+  links only when the ``worker`` axis cannot (it is smaller than the number of slices or hosts).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = (worker_parallelism, fsdp)
+  needed = math.prod(shape)
+  if min(shape) < 1 or needed > len(devices):
+    raise ValueError(
+      f"mesh worker={worker_parallelism} x fsdp={fsdp} needs {needed} devices, "
+      f"{len(devices)} available"
+    )
+  devices = devices[:needed]
+  granules, process_is_granule = _granules(devices)
+  if granules == 1:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:
+    if worker_parallelism % granules == 0:
+      dcn = (granules, 1)
+    elif fsdp % granules == 0:
+      dcn = (1, granules)
+    else:
+      raise ValueError(
+        f"mesh worker={worker_parallelism} x fsdp={fsdp} cannot be laid over "
+        f"{granules} slices/hosts: one axis must be a multiple of {granules}"
+      )
+    ici = tuple(n // g for n, g in zip(shape, dcn))
+    grid = mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=process_is_granule, allow_split_physical_axes=True
+    )
+  return Mesh(grid, AXES)
+
+
+def mesh_for_workers(num_workers: int, devices=None, fsdp: int = 0) -> Mesh:
+  """The mesh over EVERY device of ``devices`` (default ``jax.devices()``) for K workers.
+
+  ``fsdp`` = F devices per worker row (0: automatic).  K >= 1 DiLoCo workers: automatic takes
+  W = gcd(K, n) worker rows of F = n / W devices (K=4 on 8 devices: 4 x 2; K=3 on 8: 1 x 8, the
+  3 workers vmapped over one row of 8; K=16 on 8: 8 x 1, two workers per device); a given F
+  must divide n and n / F must divide K.  K = 0 (data parallelism): F = n by default; a smaller
+  F makes the ``worker`` axis n / F replicas of an F-way sharded model (HSDP).  Otherwise a
+  ValueError says what to set.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if num_workers < 0:
+    raise ValueError(f"diloco.num_workers={num_workers} must be >= 0")
+  unit = num_workers or n  # the worker rows must divide K (any divisor of n for K = 0)
+  if fsdp == 0:
+    fsdp = n // math.gcd(unit, n) if num_workers else n
+  elif fsdp < 0 or n % fsdp or unit % (n // fsdp):
+    fits = [f for f in range(1, n + 1) if n % f == 0 and unit % (n // f) == 0]
+    raise ValueError(
+      f"diloco.fsdp={fsdp} does not lay diloco.num_workers={num_workers} "
+      f"over all {n} devices (it must divide {n}"
+      + (f", and {n} / it must divide {num_workers}" if num_workers else "")
+      + f"); set it to one of {fits} or to 0 (automatic)"
+    )
+  return make_mesh(n // fsdp, fsdp, devices)
+
+
+def check_batch_size(name: str, batch_size: int, num_workers: int, mesh: Mesh) -> None:
+  """Raises a ValueError naming ``name`` unless ``batch_size`` splits over the mesh.
+
+  The batch is split into K worker batches (K = ``num_workers``; pass the mesh's ``worker``
+  size for a batch split over every device, as data parallelism and evaluation do), and each
+  worker's rows over the ``fsdp`` axis: every device gets the same number of rows.
+  """
+  fsdp = mesh.shape[FSDP_AXIS]
+  if batch_size < 1 or batch_size % (num_workers * fsdp):
+    raise ValueError(
+      f"{name}={batch_size} must be a positive multiple of {num_workers * fsdp} "
+      f"(diloco.num_workers={num_workers} worker batches, each split over the {fsdp} devices "
+      f"of the mesh's 'fsdp' axis)"
+    )
+
+
+# ----------------------------------------------------------------------------
+# Partition specs.
+
+
+def axis_size(name: str) -> int:
+  """Size of axis ``name`` of the mesh in context (``jax.set_mesh``); 1 if there is none."""
+  return dict(jax.sharding.get_abstract_mesh().shape).get(name, 1)
+
+
+def fsdp_spec(
+  path, leaf, fsdp: int, *, axis: str = FSDP_AXIS, stacked_axes=layout.stacked_axes
+) -> P:
+  """One worker's sharding of a leaf: its largest per-layer dimension divisible by ``fsdp``.
+
+  Stacked layer axes (``layout.stacked_axes``) are never sharded: a scanned model then gathers
+  one layer's weights per scan iteration, not the whole stack.  Leaves with no such dimension
+  (or ``fsdp`` = 1) are replicated.
+  """
+  shape = np.shape(leaf)
+  first = len(shape) - len(layout.layer_shape(path, leaf, stacked_axes=stacked_axes))
+  fits = [i for i in range(first, len(shape)) if shape[i] % fsdp == 0]
+  if fsdp == 1 or not fits:
+    return P()
+  dim = max(fits, key=lambda i: (shape[i], -i))
+  return P(*(axis if i == dim else None for i in range(dim + 1)))
+
+
+def fsdp_specs(params: PyTree, fsdp: int | None = None, **kwargs) -> PyTree:
+  """``fsdp_spec`` of every leaf; ``fsdp`` None: the ``fsdp`` size of the mesh in context."""
+  fsdp = axis_size(FSDP_AXIS) if fsdp is None else fsdp
+  return jax.tree_util.tree_map_with_path(lambda p, x: fsdp_spec(p, x, fsdp, **kwargs), params)
+
+
+def per_worker(spec: P) -> P:
+  """The spec of a leaf with a leading worker axis, from the spec of one worker's leaf."""
+  return P(WORKER_AXIS, *spec)
+
+
+def owned_spec(shape: tuple[int, ...], spec: P, workers: int, fsdp: int) -> P:
+  """The shared (outer) copy of a leaf: ``spec``, further split over the ``worker`` axis.
+
+  The worker axis goes on the largest unsharded dimension divisible by ``workers``, else
+  beside ``fsdp`` on the sharded one when it divides by ``workers x fsdp``; a leaf with
+  neither stays replicated over workers (norm gains and biases: a few KiB).  Averaging the
+  workers' parameters into this layout is a reduce-scatter over ``worker``, and handing the
+  result back to the workers an all-gather.
+  """
+  if workers == 1:
+    return spec
+  axes = list(spec) + [None] * (len(shape) - len(spec))
+  free = [i for i, a in enumerate(axes) if a is None and shape[i] % workers == 0]
+  if free:
+    axes[max(free, key=lambda i: (shape[i], -i))] = WORKER_AXIS
+  else:
+    for i, a in enumerate(axes):
+      if a == FSDP_AXIS and shape[i] % (workers * fsdp) == 0:
+        axes[i] = (FSDP_AXIS, WORKER_AXIS)
+  return P(*axes)
+
+
+def owned_specs(params: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
+  w, f = mesh.shape[WORKER_AXIS], mesh.shape[FSDP_AXIS]
+  return jax.tree.map(lambda x, s: owned_spec(np.shape(x), s, w, f), params, specs)
+
+
+def state_specs(state: PyTree, params: PyTree, param_specs: PyTree) -> PyTree:
+  """Specs of an optimizer state (or any tree holding copies of ``params``).
+
+  A state leaf takes the spec of the parameter whose path ends its own path and whose shape it
+  has (optax states hold param-shaped subtrees: momentum, Adam's moments); every other leaf
+  (counts, scalars) is replicated.
+  """
+  by_path = {
+    jax.tree_util.keystr(path): (np.shape(x), spec)
+    for (path, x), spec in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_specs)
+    )
+  }
+
+  def spec_of(path, leaf):
+    for suffix_start in range(len(path)):
+      match = by_path.get(jax.tree_util.keystr(path[suffix_start:]))
+      if match is not None and match[0] == np.shape(leaf):
+        return match[1]
+    return P()
+
+  return jax.tree_util.tree_map_with_path(spec_of, state)
+
+
+def named(mesh: Mesh, specs: PyTree) -> PyTree:
+  """NamedShardings of a tree of PartitionSpecs."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def gather_workers(tree: PyTree) -> PyTree:
+  """``tree`` (leading worker axis) constrained to be whole on every worker row: an all-gather
+  over ``worker`` of exactly these arrays (e.g. packed payloads, not their decoded floats).
+  Other dimensions keep the sharding XLA gives them; a no-op without a mesh in context."""
+  if axis_size(WORKER_AXIS) == 1:
+    return tree
+  return jax.tree.map(
+    lambda x: jax.lax.with_sharding_constraint(x, P(None, *[P.UNCONSTRAINED] * (x.ndim - 1))),
+    tree,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Placement and bytes.
+
+
+def place_rows(rows: Any, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+  """A global array of ``global_shape`` from this process's consecutive rows of it.
+
+  With several processes each passes its own block of rows (along the leading axis); a
+  process that passes the whole ``global_shape`` (every process the same) places its shards.
+  """
+  return jax.make_array_from_process_local_data(sharding, np.asarray(rows), global_shape)
+
+
+def bytes_per_device(tree: PyTree) -> dict:
+  """Bytes of ``tree`` (arrays or ShapeDtypeStructs with a sharding) held by each device."""
+  held = collections.Counter()
+  for x in jax.tree.leaves(tree):
+    itemsize = np.dtype(x.dtype).itemsize
+    for device, index in x.sharding.devices_indices_map(tuple(x.shape)).items():
+      held[device] += itemsize * math.prod(
+        len(range(*s.indices(n))) for s, n in zip(index, x.shape)
+      )
+  return dict(held)
+
+
+def state_bytes_per_device(tree: PyTree) -> int:
+  """The bytes of ``tree`` on its fullest device."""
+  return max(bytes_per_device(tree).values(), default=0)
