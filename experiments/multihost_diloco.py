@@ -8,7 +8,7 @@ single-process reference run on as many local devices, waits for all of them (ki
 failure or after ``--timeout`` seconds), and checks that every process ends with bit-identical
 parameters that match the single-process run to float tolerance.
 
-Every run trains a tiny MLP with DiLoCo (``diloco.DiLoCo``) on a ``("worker", "data")`` mesh over all
+Every run trains a tiny MLP with DiLoCo (``runtime.DiLoCo``) on a ``("worker", "fsdp")`` mesh over all
 global devices.  Worker k's batch at inner step t is drawn from ``default_rng([seed, k, t])``; a
 process builds only the shards of the workers its devices hold (``jax.make_array_from_callback``).
 """

@@ -316,7 +316,15 @@ def dimension_numbers_tree(
 
 def _mesh_axis_size(axis: str | None) -> int:
   """Size of mesh axis `axis` in the abstract mesh in context (1: no such axis, or no mesh)."""
-  return 1 if axis is None else jax.sharding.get_abstract_mesh().shape.get(axis, 1)
+  mesh = jax.sharding.get_abstract_mesh()
+  if axis is None or axis not in mesh.shape:
+    return 1
+  if dict(zip(mesh.axis_names, mesh.axis_types))[axis] == jax.sharding.AxisType.Explicit:
+    raise ValueError(
+      f"Muon's shard_axis={axis!r} needs that mesh axis of type Auto (sharding constraints "
+      "move the matrices), not Explicit (`jax.make_mesh`'s default: pass axis_types)."
+    )
+  return mesh.shape[axis]
 
 
 def _sharded_fan_axis(leaf, dim_numbers, spec, axis: str) -> int | None:
@@ -347,7 +355,9 @@ def _orthogonalize_over_axis(matrices, fan_axes, newton_schulz, axis: str, shard
     count = len(stack)
     stack = jnp.pad(stack, ((0, -count % shards), (0, 0), (0, 0)))
     by_matrix = functools.partial(lax.with_sharding_constraint, shardings=P(axis, None, None))
-    stack = by_matrix(newton_schulz(by_matrix(stack)))  # both ends: no other choice inside
+    # Pinned at both ends, the loop inside keeps whole matrices on each device (pinned at its
+    # input alone, XLA may split each matrix inside the loop, with all-reduces every step).
+    stack = by_matrix(newton_schulz(by_matrix(stack)))
     votes = [fan_axes[i] for i in members]
     fan_axis = max((-2, -1), key=lambda a: (votes.count(a), shape[a]))
     stack = lax.with_sharding_constraint(
@@ -403,25 +413,27 @@ def scale_by_muon(
   shape (that costs two copies of every matrix and gains nothing on CPU).
 
   FSDP (`shard_axis`): with parameters sharded over a mesh axis of size F > 1,
-  Newton-Schulz on each leaf would have every device of the axis orthogonalize
-  every matrix (or split each matrix product with collectives inside every
-  iteration).  Instead, when `shard_axis` names an axis of size F > 1 of the
-  mesh in context (`jax.set_mesh`), the N matrices of each (fan_in, fan_out,
-  dtype), from all leaves and all their stacked layers, form one stack
-  [N, fan_in, fan_out], zero-padded to N' = F ceil(N / F) (Newton-Schulz maps
-  0 to 0: X_0 = 0 / (0 + eps)); it is constrained to `P(shard_axis)`, so each
-  device holds N' / F whole matrices (XLA moves them with an all-to-all) and
-  orthogonalizes those alone, in one batched computation; the result is
-  resharded over its fan-in or fan-out axis (another all-to-all), split into
-  the leaves, shape-scaled, and each leaf is constrained to its spec in
-  `param_specs`.  Each matrix goes through exactly the same arithmetic as
-  above, so the update is the same to round-off; each device does 1/F of the
-  Newton-Schulz flops and keeps 1/F of the update, and moves about 2 (F-1)/F
-  of its share of the update.  Inside `jax.vmap(..., spmd_axis_name=...)`
-  (DiLoCo workers) the constraints keep the vmapped axis where it is sharded,
-  so the all-to-alls stay within each worker's group.  Without a mesh in
-  context, or with the axis absent or of size 1, each leaf is orthogonalized
-  as above.
+  Newton-Schulz on each leaf has XLA either gather every matrix onto every
+  device of the axis or split each product of every iteration with
+  collectives (150M on 8 CPU devices: 360 all-gathers and 132 all-reduces a
+  step, see `muloco_jax.benchmarks.sharded_muon`).  Instead, when `shard_axis`
+  names an axis of size F > 1 of the mesh in context (`jax.set_mesh`; an Auto
+  axis), the N matrices of each (fan_in, fan_out, dtype), from all leaves and
+  all their stacked layers, form one stack [N, fan_in, fan_out], zero-padded
+  to N' = F ceil(N / F) (Newton-Schulz maps 0 to 0: X_0 = 0 / (0 + eps)).
+  The stack is constrained to `P(shard_axis)`, so that each device holds
+  N' / F whole matrices (XLA moves them with an all-to-all) and orthogonalizes
+  those alone, in one batched computation; the result is resharded over its
+  fan-in or fan-out axis (another all-to-all), split into the leaves,
+  shape-scaled, and each leaf is constrained to its spec in `param_specs`.
+  Each matrix goes through exactly the arithmetic above, so the update is the
+  same to round-off; per group, each device does the Newton-Schulz flops of
+  ceil(N / F) matrices, and the only collectives are two all-to-alls (and one
+  per leaf whose spec shards the other fan axis than most of its group's).
+  Inside `jax.vmap(..., spmd_axis_name=...)` (DiLoCo workers) the constraints
+  keep the vmapped axis where it is sharded, so the all-to-alls stay within
+  each worker's group.  Without a mesh in context, or with the axis absent or
+  of size 1, each leaf is orthogonalized as above.
 
   All arguments are keyword-only; names follow `optax.contrib.scale_by_muon`.
 

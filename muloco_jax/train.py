@@ -121,6 +121,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       ns_steps=opt.ns_steps,
       compute_dtype=jnp.dtype(opt.ns_dtype),
       scale=opt.muon_scale,
+      # Newton-Schulz spread over the devices sharding one worker (see `runtime`).
+      shard_axis=sharding.FSDP_AXIS,
+      param_specs=sharding.fsdp_specs,
     )
   elif opt.name == "sgd":
     core = optax.chain(

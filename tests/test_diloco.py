@@ -121,7 +121,11 @@ def test_outer_step_is_nesterov_sgd_on_mean_pseudogradient():
   """(c) theta <- theta_ref - lr (delta + mu u), u <- mu u + delta, delta = mean_k delta_k."""
   lr, mu, k = 0.7, 0.9, 4
   trainer = runtime.DiLoCo(
-    loss_fn, optax.sgd(0.1, momentum=0.5), diloco.outer_optimizer(lr, mu), k, sharding.make_mesh(4, 1)
+    loss_fn,
+    optax.sgd(0.1, momentum=0.5),
+    diloco.outer_optimizer(lr, mu),
+    k,
+    sharding.make_mesh(4, 1),
   )
   state = trainer.init(make_params())
   velocity = jax.tree.map(np.zeros_like, make_params())
@@ -210,7 +214,11 @@ def test_non_finite_and_inactive_workers_are_left_out():
   """(f) NaN workers and inactive workers drop out of the average; none left -> no step."""
   k, lr, mu = 4, 0.7, 0.9
   trainer = runtime.DiLoCo(
-    loss_fn, optax.sgd(0.1, momentum=0.5), diloco.outer_optimizer(lr, mu), k, sharding.make_mesh(2, 1)
+    loss_fn,
+    optax.sgd(0.1, momentum=0.5),
+    diloco.outer_optimizer(lr, mu),
+    k,
+    sharding.make_mesh(2, 1),
   )
   state = trainer.init(make_params())
   for h in range(2):
@@ -419,7 +427,12 @@ def test_streaming_fragments():
   plain, _ = run_stacked(runtime.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh), params)
   one, _ = run_stacked(
     runtime.DiLoCo(
-      stacked_loss_fn, inner, outer, 4, mesh, fragments=fragments_lib.split_into_fragments(params, 1)
+      stacked_loss_fn,
+      inner,
+      outer,
+      4,
+      mesh,
+      fragments=fragments_lib.split_into_fragments(params, 1),
     ),
     params,
   )

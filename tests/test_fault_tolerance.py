@@ -57,7 +57,14 @@ def _finish(process, timeout=300):
 
 
 def _deterministic(records):
-  return [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_sec", "state_bytes_per_device")} for r in records]
+  return [
+    {
+      k: v
+      for k, v in r.items()
+      if k not in ("step_time", "tokens_per_sec", "state_bytes_per_device")
+    }
+    for r in records
+  ]
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):

@@ -196,3 +196,10 @@ def test_shard_axis_without_it_in_the_mesh_is_per_leaf(mesh_shape):
     assert "all-to-all" not in collectives(compiled.as_text())
   for a, e in zip(jax.tree.leaves(update), jax.tree.leaves(_reference(plain, grads))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def test_explicit_shard_axis_is_refused():
+  mesh = jax.make_mesh((1, 8), ("worker", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  tx = optim.scale_by_muon(shard_axis="fsdp", param_specs=SPECS)
+  with pytest.raises(ValueError, match="type Auto"):
+    _run(_sharded_step(tx, mesh, SPECS), mesh, _normal(SHAPES))

@@ -193,6 +193,12 @@ def test_dp_resume_after_preemption_matches_uninterrupted_run(
   train.train_and_evaluate(_dp_config(data_dir), workdir)
   assert _records(workdir) == _records(reference)
   _assert_same_state(workdir, reference, 24)
+  # Each invocation's first record holds the state bytes on the fullest device: params and two
+  # AdamW moments split 8 ways (replicated, the state would be 3x the params).
+  param_bytes = 4 * model_lib.param_count(model_lib.model_config("tiny", vocab_size=257))
+  first_of_resumed = next(r for r in metrics_lib.read_metrics(workdir) if r["step"] > 8)
+  for first in (metrics_lib.read_metrics(reference)[0], first_of_resumed):
+    assert 3 * param_bytes / 8 <= first["state_bytes_per_device"] < 0.4 * param_bytes
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(dp_run, data_dir, tmp_path, caplog):

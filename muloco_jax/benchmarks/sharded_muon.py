@@ -6,15 +6,15 @@ Builds the abstract parameters of a preset (scanned layers), shards each over F 
 virtual CPU devices (`sharding.fsdp_specs`: its largest per-layer dimension divisible by F),
 and compiles, without running it, one optimizer update (`tx.update` with the state and
 update sharded as the params) three ways: `optim.muon` with `shard_axis="fsdp"` (each device
-orthogonalizes 1/F of the hidden matrices), `optim.muon` without it ("replicated": one
-Newton-Schulz per leaf, as XLA partitions it), and `optax.contrib.muon` with the same
+orthogonalizes 1/F of the hidden matrices), `optim.muon` without it (one Newton-Schulz per
+leaf on the sharded leaf, partitioned as XLA sees fit), and `optax.contrib.muon` with the same
 Newton-Schulz coefficients on the same hidden matrices (the rest to Adam in all three).
 
 Per device it prints the matmul flops of the compiled program, counted from its HLO text
 (`dot_flops`: every dot, times the trip counts of the loops around it), XLA's own cost
 analysis (which counts a loop body once, whatever its trip count: Newton-Schulz iterates in
-a loop, so that figure undercounts it), and the collectives (`collectives`: count and bytes of
-their results).
+a loop, so that figure undercounts it), and the collectives (`collectives`: how many run and
+the bytes of their results, each loop iteration counted too).
 """
 
 import os
@@ -86,49 +86,62 @@ def _computations(hlo: str) -> tuple[dict, str]:
   return computations, entry
 
 
-def dot_flops(hlo: str) -> float:
-  """Flops of every dot of compiled HLO text, each loop body counted trip-count times (the
-  per-device program: 2 x output elements x contracted size per dot)."""
+def _executed(hlo: str, measure) -> collections.Counter:
+  """The sum of `measure(line, match, shapes)` (a Counter) over the instructions that compiled
+  HLO text executes: the entry computation's and, recursively, those of the computations they
+  call, a loop's body as many times as its known trip count (once if unknown).  `match` is the
+  line's `_INSTRUCTION` match; `shapes` maps every instruction name to its shape."""
   computations, entry = _computations(hlo)
-  shapes = {}
-  for line in (line for lines in computations.values() for line in lines):
-    match = _INSTRUCTION.match(line)
-    if match:
-      shapes[match[1]] = match[2]
+  matches = {
+    name: [(line, _INSTRUCTION.match(line)) for line in lines]
+    for name, lines in computations.items()
+  }
+  shapes = {m[1]: m[2] for lines in matches.values() for _, m in lines if m}
 
   @functools.cache
-  def flops(name):
-    total = 0.0
-    for line in computations.get(name, ()):
-      match = _INSTRUCTION.match(line)
+  def total(name):
+    counts = collections.Counter()
+    for line, match in matches.get(name, ()):
       if not match:
         continue
-      _, shape, opcode, operands = match.groups()
-      if opcode == "dot":
-        lhs = shapes[re.search(r"%([\w.\-]+)", operands)[1]]
-        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)[1]
-        k = math.prod(_dims(lhs)[int(i)] for i in contracted.split(",") if i)
-        total += 2.0 * math.prod(_dims(shape)) * k
+      counts.update(measure(line, match, shapes))
       trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-      times = int(trips[1]) if trips and opcode == "while" else 1
+      times = int(trips[1]) if trips and match[3] == "while" else 1
       listed = [
         c for group in _CALLEE_LIST.findall(line) for c in re.findall(r"%([\w.\-]+)", group)
       ]
-      total += times * sum(flops(callee) for callee in _CALLEE.findall(line) + listed)
-    return total
+      for callee in _CALLEE.findall(line) + listed:
+        counts.update({k: times * v for k, v in total(callee).items()})
+    return counts
 
-  return flops(entry)
+  return total(entry)
+
+
+def _dot(line, match, shapes) -> dict:
+  if match[3] != "dot":
+    return {}
+  lhs = shapes[re.search(r"%([\w.\-]+)", match[4])[1]]
+  contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)[1]
+  k = math.prod(_dims(lhs)[int(i)] for i in contracted.split(",") if i)
+  return {"flops": 2 * math.prod(_dims(match[2])) * k}
+
+
+def _collective(line, match, shapes) -> dict:
+  kind = match[3].removesuffix("-start")
+  return {kind: 1, f"{kind} bytes": _nbytes(match[2])} if kind in COLLECTIVES else {}
+
+
+def dot_flops(hlo: str) -> int:
+  """Flops of the dots that compiled HLO text executes (per device: 2 x output elements x
+  contracted size per dot, each loop iteration counted)."""
+  return _executed(hlo, _dot)["flops"]
 
 
 def collectives(hlo: str) -> dict:
-  """{collective kind: (count, bytes of the results)} of compiled HLO text (per device)."""
-  found = collections.defaultdict(lambda: [0, 0])
-  for line in hlo.splitlines():
-    match = _INSTRUCTION.match(line)
-    if match and match[3].removesuffix("-start") in COLLECTIVES:
-      found[match[3].removesuffix("-start")][0] += 1
-      found[match[3].removesuffix("-start")][1] += _nbytes(match[2])
-  return {kind: tuple(found[kind]) for kind in COLLECTIVES if kind in found}
+  """{collective kind: (times executed, bytes of their results)} of compiled HLO text (per
+  device, each loop iteration counted)."""
+  found = _executed(hlo, _collective)
+  return {kind: (found[kind], found[f"{kind} bytes"]) for kind in COLLECTIVES if kind in found}
 
 
 def cost_flops(compiled) -> float:
@@ -171,7 +184,7 @@ def main(argv):
     'ours, shard_axis="fsdp"': optim.muon(
       1e-3, ns_coeffs=coefficients, shard_axis=sharding.FSDP_AXIS, param_specs=specs
     ),
-    "ours, replicated": optim.muon(1e-3, ns_coeffs=coefficients),
+    "ours, shard_axis=None": optim.muon(1e-3, ns_coeffs=coefficients),
     "optax.contrib.muon": optax.contrib.muon(
       1e-3,
       ns_coeffs=coefficients,
@@ -195,11 +208,11 @@ def main(argv):
   )
   print()
   print(
-    "| update | dot GFLOP/device | / ours replicated | cost-analysis GFLOP | "
+    "| update | dot GFLOP/device | / shard_axis=None | cost-analysis GFLOP | "
     "all-to-all (n, MiB) | all-gather (n, MiB) | all-reduce (n, MiB) | compile (s) |"
   )
   print("|---|---|---|---|---|---|---|---|")
-  baseline = rows["ours, replicated"][0]
+  baseline = rows["ours, shard_axis=None"][0]
   for name, (flops, cost, found, seconds) in rows.items():
     cells = [
       f"{found[kind][0]}, {found[kind][1] / 2**20:.1f}" if kind in found else "0"
