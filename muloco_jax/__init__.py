@@ -18,10 +18,11 @@ from muloco_jax.compression import (
   unpack_bits,
 )
 from muloco_jax.diloco import (
+  Averager,
   DiLoCoState,
   compressed_average,
+  mean_average,
   outer_optimizer,
-  psum_average,
   pseudogradient,
 )
 from muloco_jax.fragments import split_into_fragments

@@ -37,9 +37,25 @@ from muloco_jax.fragments import Fragment, merge, subtree
 
 PyTree = Any
 LossFn = Callable[[PyTree, dict], jax.Array]
-# average(deltas, contributes, error) -> (mean delta over the contributing workers, new
-# error-feedback buffers, scalar metrics); see `psum_average` and `compressed_average`.
-Averager = Callable[[PyTree, jax.Array, PyTree], "tuple[PyTree, PyTree, dict]"]
+
+
+class Averager(NamedTuple):
+  """How workers agree on one pseudogradient, optax style (``mean_average``,
+  ``compressed_average``).
+
+  ``init(params, num_workers) -> state``: the averager's own state, a tree shaped like
+  ``params`` with a leading worker axis (e.g. error-feedback buffers), or ``{}``.
+  ``update(deltas, contributes, state) -> (delta, state, metrics)``: ``deltas`` has a leading
+  worker axis (zero for workers not in C), ``contributes`` is bool ``[workers]``; ``delta`` is
+  the agreed average, ``metrics`` scalars.  Streaming DiLoCo passes the subtrees of one fragment.
+  ``coordinatewise``: each coordinate of ``delta`` depends on that coordinate of the ``deltas``
+  alone (a mean does; a per-row quantizer does not), so a sharded runtime may gather the workers'
+  values at the owner of each shard and run ``update`` there.
+  """
+
+  init: Callable[[PyTree, int], PyTree]
+  update: Callable[[PyTree, jax.Array, PyTree], "tuple[PyTree, PyTree, dict]"]
+  coordinatewise: bool = False
 
 
 class DiLoCoState(NamedTuple):
@@ -51,8 +67,8 @@ class DiLoCoState(NamedTuple):
       the whole tree, without streaming).
     worker_params: ``theta_k``, every leaf with a leading worker axis of size K.
     worker_opt_state: inner optimizer state of every worker, leading worker axis of size K.
-    error: error-feedback buffers ``e_k`` of every worker (leading worker axis), or ``{}``
-      when the averager keeps none.
+    average_state: the averager's state (``Averager.init``; error-feedback buffers ``e_k`` of
+      every worker, leading worker axis), or ``{}`` when it keeps none.
     step: int32 number of inner steps taken.
   """
 
@@ -60,7 +76,7 @@ class DiLoCoState(NamedTuple):
   outer_opt_state: tuple
   worker_params: PyTree
   worker_opt_state: PyTree
-  error: PyTree
+  average_state: PyTree
   step: jax.Array
 
 
@@ -110,18 +126,19 @@ def init(
   outer_tx: optax.GradientTransformation,
   num_workers: int,
   fragments: "tuple[Fragment, ...]" = (None,),
-  error_feedback: bool = False,
+  average: Averager | None = None,
 ) -> DiLoCoState:
   """Start of training: every worker holds ``params`` and a fresh inner optimizer state.
 
-  One outer optimizer state per fragment; zero error-feedback buffers if ``error_feedback``.
+  One outer optimizer state per fragment; the averager's state (default ``mean_average()``:
+  none).
   """
   return DiLoCoState(
     params=params,
     outer_opt_state=tuple(outer_tx.init(subtree(params, f)) for f in fragments),
     worker_params=_stack(params, num_workers),
     worker_opt_state=_stack(inner_tx.init(params), num_workers),
-    error=(_stack(compression.init_error(params), num_workers) if error_feedback else {}),
+    average_state=(average or mean_average()).init(params, num_workers),
     step=jnp.zeros((), jnp.int32),
   )
 
@@ -172,39 +189,48 @@ def pseudogradient(theta_ref: PyTree, worker_params: PyTree) -> PyTree:
   return jax.tree.map(lambda ref, w: ref[None] - w, theta_ref, worker_params)
 
 
-def psum_average(
-  deltas: PyTree, contributes: jax.Array, error: PyTree
-) -> tuple[PyTree, PyTree, dict]:
-  """Default averager: ``delta = sum_{k in C} delta_k / |C|``.
+def _count(contributes: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(|C|, max(|C|, 1) as float32) from the bool ``[workers]`` mask."""
+  count = jnp.sum(contributes.astype(jnp.int32))
+  return count, jnp.maximum(count, 1).astype(jnp.float32)
 
-  On a mesh the sum over the worker axis is one reduce-scatter into the shared parameters'
-  layout (``sharding.owned_spec``).
 
-  Args:
-    deltas: pseudogradients of the workers (leading worker axis), already zero for workers that
-      do not contribute.
-    contributes: bool ``[workers]``, which workers are in ``C``.
-    error: error-feedback buffers (unused here, returned as they are).
+def _bytes_per_worker(tree: PyTree) -> int:
+  """Bytes of one worker's slice of ``tree`` (leaves with a leading worker axis)."""
+  return sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-  Returns ``(delta, error, metrics)`` with ``delta`` identical on every worker and scalars:
-    ``num_contributing``: ``|C|`` (0 means the caller must skip the round; ``delta`` is then 0).
-    ``sync_bytes``: bytes each worker hands to the collective (its pseudogradient leaves, in their
-      own dtype, contributing or not) summed over all K workers.  The collective's internal
-      traffic (e.g. a ring reduce-scatter's (n-1)/n) is not counted.
+
+def mean_average() -> Averager:
+  """The uncompressed averager: ``delta = sum_{k in C} delta_k / |C|``, no state.
+
+  On a mesh (``runtime.DiLoCo``) the workers' parameters first move to the owners of the
+  shared shards (an all-to-all of (K-1)/K of a worker's float32 copy), the sum is local there,
+  and the new parameters go back with an all-gather ((K-1)/K again).
+
+  Metrics: ``num_contributing`` = |C| (0: the caller skips the round; ``delta`` is then 0);
+  ``sync_bytes`` = K x one worker's pseudogradient bytes (what the workers hand to the
+  exchange); ``sync_bytes_per_worker`` = 2 (K-1)/K x those bytes, what one worker sends over its
+  link: the all-to-all and the all-gather.
   """
-  count, num_workers = jnp.sum(contributes.astype(jnp.int32)), contributes.shape[0]
-  divisor = jnp.maximum(count, 1)
-  delta = jax.tree.map(lambda d: jnp.sum(d, axis=0) / divisor.astype(d.dtype), deltas)
-  bytes_per_worker = sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in jax.tree.leaves(deltas))
-  metrics = {
-    "num_contributing": count,
-    "sync_bytes": jnp.asarray(float(num_workers * bytes_per_worker), jnp.float32),
-  }
-  return delta, error, metrics
+
+  def update(deltas, contributes, state):
+    count, divisor = _count(contributes)
+    num_workers = contributes.shape[0]
+    delta = jax.tree.map(lambda d: (jnp.sum(d, axis=0) / divisor).astype(d.dtype), deltas)
+    payload = _bytes_per_worker(deltas)
+    metrics = {
+      "num_contributing": count,
+      "sync_bytes": jnp.float32(num_workers * payload),
+      "sync_bytes_per_worker": jnp.float32(2 * (num_workers - 1) / num_workers * payload),
+    }
+    return delta, state, metrics
+
+  return Averager(lambda params, num_workers: {}, update, coordinatewise=True)
 
 
 def compressed_average(
   spec: compression.CompressionSpec,
+  *,
   error_feedback: bool = True,
   error_decay: float = 0.9,
   exclude: compression.ExcludeFn = compression.exclude_vectors,
@@ -218,15 +244,20 @@ def compressed_average(
   data cross the links, not decoded floats); every worker decodes all K and averages the
   contributing ones: ``delta = sum_{k in C} D(c_k) / |C|``.  ``requantize_average`` applies
   ``D(C(.))`` once more to the average, as the authors' runs do to stand in for a compressed
-  reduce-scatter + all-gather.  A worker left out keeps its error buffer unchanged.
+  reduce-scatter + all-gather.  A worker left out keeps its error buffer unchanged.  The state
+  is the K float32 buffers ``e_k`` (``{}`` without error feedback).
 
   Metrics: ``num_contributing``; ``sync_bytes`` = K x the bytes of one worker's payload
-  (the packed arrays handed to the all-gather); ``compression_error`` = mean over contributing
-  workers of ||x_k - D(C(x_k))|| / ||x_k|| for the compressed input x_k (e_k or delta_k);
+  (the packed arrays handed to the all-gather); ``sync_bytes_per_worker`` = (K-1) payloads, what
+  one worker sends in the all-gather; ``compression_error`` = mean over contributing workers of
+  ||x_k - D(C(x_k))|| / ||x_k|| for the compressed input x_k (e_k or delta_k);
   ``error_buffer_norm`` = mean over workers of ||e_k|| after the step.
   """
 
-  def average(deltas, contributes, error):
+  def init(params, num_workers):
+    return _stack(compression.init_error(params), num_workers) if error_feedback else {}
+
+  def update(deltas, contributes, error):
     def one_worker(e, d):
       return compression.error_feedback_tree(
         e, d, spec, error_decay, exclude, use_ef=error_feedback
@@ -234,18 +265,17 @@ def compressed_average(
 
     like = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
     payloads, new_error = jax.vmap(one_worker)(error, deltas)
-    sent = (
-      jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
-      if error_feedback
-      else deltas
-    )
-    new_error = _select_workers(contributes, new_error, error) if error_feedback else error
+    if error_feedback:
+      sent = jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
+      new_error = _select_workers(contributes, new_error, error)
+    else:
+      sent = deltas
     decoded = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))(
       sharding.gather_workers(payloads)
     )
-    count, num_workers = jnp.sum(contributes.astype(jnp.int32)), contributes.shape[0]
+    count, divisor = _count(contributes)
+    num_workers = contributes.shape[0]
     weights = contributes.astype(jnp.float32)
-    divisor = jnp.maximum(count, 1).astype(jnp.float32)
     delta = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / divisor, decoded)
     if requantize_average:
       delta = compression.roundtrip_tree(delta, spec, exclude)
@@ -253,16 +283,17 @@ def compressed_average(
 
     rel_error = jax.vmap(compression.relative_error)(sent, decoded)
     error_norm = jnp.sqrt(jax.vmap(_tree_dot)(new_error, new_error)) if error_feedback else 0.0
-    payload_bytes = compression.payload_nbytes(payloads) // num_workers
+    payload = compression.payload_nbytes(payloads) // num_workers
     metrics = {
       "num_contributing": count,
-      "sync_bytes": jnp.asarray(float(num_workers * payload_bytes), jnp.float32),
+      "sync_bytes": jnp.float32(num_workers * payload),
+      "sync_bytes_per_worker": jnp.float32((num_workers - 1) * payload),
       "compression_error": jnp.sum(jnp.where(contributes, rel_error, 0.0)) / divisor,
       "error_buffer_norm": jnp.sum(error_norm) / num_workers,
     }
     return delta, new_error, metrics
 
-  return average
+  return Averager(init, update)
 
 
 def outer_step(
@@ -271,8 +302,8 @@ def outer_step(
   worker_params: PyTree,
   outer_tx: optax.GradientTransformation,
   active: jax.Array | None = None,
-  average: Averager = psum_average,
-  error: PyTree = None,
+  average: Averager | None = None,
+  average_state: PyTree = None,
   regroup: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[PyTree, PyTree, PyTree, dict]:
   """Outer optimizer step on any subtree of the parameters (the whole tree, or one fragment).
@@ -286,13 +317,13 @@ def outer_step(
     worker_params: the same subtree of every worker (leading worker axis).
     outer_tx: the outer optimizer.
     active: optional bool ``[workers]``; ``False`` leaves a worker out of the average.
-    average: the averager (``psum_average``, or ``compressed_average(...)``).
-    error: the workers' error-feedback buffers for the subtree (if the averager keeps any).
+    average: the averager (default ``mean_average()``, or ``compressed_average(...)``).
+    average_state: its state for the subtree (``{}`` if it keeps none).
     regroup: applied to ``worker_params`` before anything else.  On a mesh it moves them into
       the shared parameters' layout (one all-to-all over workers), so that pseudogradients, their
       average and the outer step are local to the owner of each shard; None: as they are.
 
-  Returns the new ``theta``, outer state, error buffers and metrics: the averager's scalars plus
+  Returns the new ``theta``, outer state, averager state and metrics: the averager's scalars plus
   ``pseudograd_norm`` (norm of ``delta``) and, per worker, ``worker_pseudograd_norm``,
   ``worker_cosine`` (cosine of ``delta_k`` with ``delta``) and ``worker_contributed``.
   """
@@ -302,7 +333,9 @@ def outer_step(
   finite = _workers_all_finite(deltas, jax.tree.leaves(deltas)[0].shape[0])
   contributes = finite if active is None else finite & active
   clean = _select_workers(contributes, deltas, jax.tree.map(jnp.zeros_like, deltas))
-  delta, error, metrics = average(clean, contributes, error)
+  delta, average_state, metrics = (average or mean_average()).update(
+    clean, contributes, {} if average_state is None else average_state
+  )
 
   updates, new_outer_state = outer_tx.update(delta, outer_opt_state, theta_ref)
   new_theta = optax.apply_updates(theta_ref, updates)
@@ -322,7 +355,7 @@ def outer_step(
     ),
     worker_contributed=contributes,
   )
-  return new_theta, new_outer_state, error, metrics
+  return new_theta, new_outer_state, average_state, metrics
 
 
 def outer_sync(
@@ -330,7 +363,7 @@ def outer_sync(
   inner_tx: optax.GradientTransformation,
   outer_tx: optax.GradientTransformation,
   active: jax.Array | None = None,
-  average: Averager = psum_average,
+  average: Averager | None = None,
   fragments: "tuple[Fragment, ...]" = (None,),
   fragment_index: int = 0,
   regroup: Callable[[PyTree], PyTree] | None = None,
@@ -347,15 +380,15 @@ def outer_sync(
   fragment's subtree) and the metrics.
   """
   fragment = fragments[fragment_index]
-  error = subtree(state.error, fragment) if state.error != {} else {}
-  theta, fragment_outer_state, error, metrics = outer_step(
+  average_state = subtree(state.average_state, fragment) if state.average_state != {} else {}
+  theta, fragment_outer_state, average_state, metrics = outer_step(
     subtree(state.params, fragment),
     state.outer_opt_state[fragment_index],
     subtree(state.worker_params, fragment),
     outer_tx,
     active=active,
     average=average,
-    error=error,
+    average_state=average_state,
     regroup=regroup,
   )
   num_workers = jax.tree.leaves(state.worker_params)[0].shape[0]
@@ -374,7 +407,9 @@ def outer_sync(
     outer_opt_state=outer_opt_state,
     worker_params=worker_params,
     worker_opt_state=worker_opt_state,
-    error=merge(state.error, error, fragment) if error != {} else {},
+    average_state=(
+      merge(state.average_state, average_state, fragment) if average_state != {} else {}
+    ),
   )
   return state, dict(metrics, worker_opt_state_reset=reset)
 

@@ -176,12 +176,11 @@ class DiLoCo(_Layout):
     num_workers: K.
     mesh: a ``("worker", "fsdp")`` mesh; K must be divisible by its ``worker`` size.  None:
       ``sharding.mesh_for_workers(K, devices, fsdp)``, which uses every device.
-    average: the averager (``diloco.psum_average``, or ``diloco.compressed_average(...)``).
+    average: the averager (default ``diloco.mean_average()``, or
+      ``diloco.compressed_average(...)``, whose error-feedback buffers it keeps in the state).
     fragments: streaming DiLoCo's fragments (``fragments.split_into_fragments``); default one
       fragment, the whole tree.
     sync_every: H, inner steps between two syncs of a fragment.
-    error_feedback: keep per-worker error-feedback buffers in the state (for an averager built
-      with ``compressed_average(error_feedback=True)``).
     drops: ``(worker, start, end)`` triples: the worker is lost for steps ``[start, end)`` and
       misses the syncs in that window.
 
@@ -200,10 +199,9 @@ class DiLoCo(_Layout):
     *,
     devices=None,
     fsdp: int = 0,
-    average: diloco.Averager = diloco.psum_average,
+    average: diloco.Averager | None = None,
     fragments: "tuple[fragments_lib.Fragment, ...]" = (None,),
     sync_every: int = 30,
-    error_feedback: bool = False,
     drops: tuple = (),
   ):
     if mesh is None:
@@ -218,8 +216,12 @@ class DiLoCo(_Layout):
       )
     self.loss_fn, self.inner_tx, self.outer_tx = loss_fn, inner_tx, outer_tx
     self.num_workers, self.mesh, self.fragments = num_workers, mesh, tuple(fragments)
-    self.average, self.error_feedback, self.drops = average, error_feedback, tuple(drops)
+    self.average, self.drops = average or diloco.mean_average(), tuple(drops)
     self.schedule = fragments_lib.SyncSchedule(sync_every, len(self.fragments))
+    # A mean: the workers' parameters move to the owners of the shared shards (an all-to-all)
+    # and the average is local there.  A compressing averager encodes each worker's
+    # pseudogradient where it is, and its packed payloads travel.
+    self.regroup = self.average.coordinatewise
     self.batch_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS, FSDP_AXIS))
     self.active_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS))
 
@@ -242,12 +244,20 @@ class DiLoCo(_Layout):
     stacked = lambda specs: jax.tree.map(
       sharding.per_worker, specs, is_leaf=lambda s: isinstance(s, P)
     )
+    stacked_shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype), param_shapes
+    )
+    average_specs = sharding.state_specs(
+      jax.eval_shape(functools.partial(self.average.init, num_workers=k), param_shapes),
+      stacked_shapes,
+      stacked(worker_specs),
+    )
     specs = diloco.DiLoCoState(
       params=owned,
       outer_opt_state=outer_specs,
       worker_params=stacked(worker_specs),
       worker_opt_state=stacked(inner_specs),
-      error=stacked(worker_specs) if self.error_feedback else {},
+      average_state=average_specs,
       step=P(),
     )
     self.state_sharding = sharding.named(mesh, specs)
@@ -255,14 +265,11 @@ class DiLoCo(_Layout):
     replicated = jax.NamedSharding(mesh, P())
 
     def init(params):
-      return diloco.init(params, inner_tx, outer_tx, k, fragments, self.error_feedback)
+      return diloco.init(params, inner_tx, outer_tx, k, fragments, self.average)
 
     def inner(state, batch):
       return diloco.inner_step(state, batch, self.loss_fn, inner_tx, spmd_axis_name=WORKER_AXIS)
 
-    # Uncompressed, the workers' parameters move to the owners of the shared shards (an
-    # all-to-all) and the average is local there.  Compressed, each worker encodes its own
-    # pseudogradient where it is, and the packed payloads travel (`compressed_average`).
     to_owners = sharding.named(mesh, jax.tree.map(lambda s: P(None, *s), owned))
 
     def regroup(fragment_index, worker_params):
@@ -278,9 +285,7 @@ class DiLoCo(_Layout):
         self.average,
         fragments,
         fragment_index,
-        regroup=None
-        if self.error_feedback or self.average is not diloco.psum_average
-        else functools.partial(regroup, fragment_index),
+        regroup=functools.partial(regroup, fragment_index) if self.regroup else None,
       )
       per_worker = {k: v for k, v in metrics.items() if k.startswith("worker_")}
       return state, {k: v for k, v in metrics.items() if k not in per_worker}, per_worker

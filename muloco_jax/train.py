@@ -160,15 +160,14 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes,
   d, c = config.diloco, config.compression
   if d.num_workers == 0:
     return runtime.DataParallel(loss_fn, tx, mesh)
-  compressed = c.kind != "none"
-  average = diloco_lib.psum_average
-  if compressed:
+  average = None  # the mean
+  if c.kind != "none":
     average = diloco_lib.compressed_average(
       config_lib.compression_spec(config),
-      c.error_feedback,
-      c.error_decay,
-      config_lib.EXCLUDE_RULES[c.exclude],
-      c.requantize_average,
+      error_feedback=c.error_feedback,
+      error_decay=c.error_decay,
+      exclude=config_lib.EXCLUDE_RULES[c.exclude],
+      requantize_average=c.requantize_average,
     )
   return runtime.DiLoCo(
     loss_fn,
@@ -183,7 +182,6 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes,
       else (None,)
     ),
     sync_every=d.sync_every,
-    error_feedback=compressed and c.error_feedback,
     drops=config_lib.drop_schedule(config),
   )
 
@@ -211,6 +209,7 @@ def _sync_record(syncs: list[dict]) -> dict:
     worker_train_loss_spread=losses.max() - losses.min(),
     worker_cosine_mean=np.nanmean(cosine),
     sync_bytes=sum(float(fetch(s["sync_bytes"])) for s in syncs),
+    sync_bytes_per_worker=sum(float(fetch(s["sync_bytes_per_worker"])) for s in syncs),
   )
 
 

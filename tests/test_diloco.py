@@ -341,7 +341,7 @@ def test_8bit_compressed_diloco_tracks_uncompressed_and_counts_bytes():
   plain, _ = run_stacked(runtime.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh), params)
   average = diloco.compressed_average(spec, error_feedback=True, error_decay=0.9)
   compressed, metrics = run_stacked(
-    runtime.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh, average=average, error_feedback=True),
+    runtime.DiLoCo(stacked_loss_fn, inner, outer, 4, mesh, average=average),
     params,
   )
   for a, b in zip(jax.tree.leaves(host(plain.params)), jax.tree.leaves(host(compressed.params))):
@@ -364,7 +364,6 @@ def test_error_feedback_buffers_hold_what_was_not_sent():
     4,
     sharding.make_mesh(4, 1),
     average=diloco.compressed_average(spec, error_decay=0.5),
-    error_feedback=True,
   )
   state = trainer.init(params)
   for h in range(2):
@@ -375,7 +374,7 @@ def test_error_feedback_buffers_hold_what_was_not_sent():
   sent = [compression.roundtrip_tree(jax.tree.map(lambda d: d[k], deltas), spec) for k in range(4)]
   for k in range(4):
     residual = jax.tree.map(lambda d, s: d[k] - s, deltas, sent[k])
-    assert_trees_close(jax.tree.map(lambda e: e[k], host(state.error)), residual, atol=1e-6)
+    assert_trees_close(jax.tree.map(lambda e: e[k], host(state.average_state)), residual, atol=1e-6)
   mean_sent = jax.tree.map(lambda *s: np.mean(s, axis=0), *sent)
   assert_trees_close(
     state.params, jax.tree.map(lambda t, d: t - d, before.params, mean_sent), atol=1e-6
@@ -386,23 +385,21 @@ def test_sync_bytes_match_closed_form_and_two_bits_save_15x():
   params = make_stacked_params(width=64, outputs=64)
   inner, outer = optax.sgd(0.01), diloco.outer_optimizer()
   spec = compression.CompressionSpec("statistical", bits=2)
-  for average, expected in [
-    (diloco.psum_average, 4 * sum(x.size for x in jax.tree.leaves(params))),
-    (diloco.compressed_average(spec), compression.tree_compressed_nbytes(params, spec)),
-  ]:
-    trainer = runtime.DiLoCo(
-      stacked_loss_fn,
-      inner,
-      outer,
-      2,
-      sharding.make_mesh(2, 1),
-      average=average,
-      error_feedback=average is not diloco.psum_average,
-    )
-    state = trainer.init(params)
-    state, _ = trainer.inner_step(state, trainer.shard_batch(make_batch(0, 4)))
-    _, metrics = trainer.outer_sync(state)
-    assert float(metrics["sync_bytes"]) == 2 * expected
+  # Per worker over its link: the mean's all-to-all + all-gather, 2 (K-1)/K of its float32
+  # pseudogradient; the compressed all-gather, K-1 payloads.
+  for k in (2, 4):
+    for average, expected, per_worker in [
+      (diloco.mean_average(), 4 * sum(x.size for x in jax.tree.leaves(params)), 2 * (k - 1) / k),
+      (diloco.compressed_average(spec), compression.tree_compressed_nbytes(params, spec), k - 1),
+    ]:
+      trainer = runtime.DiLoCo(
+        stacked_loss_fn, inner, outer, k, sharding.make_mesh(2, 1), average=average
+      )
+      state = trainer.init(params)
+      state, _ = trainer.inner_step(state, trainer.shard_batch(make_batch(0, 2 * k)))
+      _, metrics = trainer.outer_sync(state)
+      assert float(metrics["sync_bytes"]) == k * expected
+      assert float(metrics["sync_bytes_per_worker"]) == per_worker * expected
   # On the paper's 150M model, 2-bit row-wise statistical sends >= 15x fewer bytes than fp32.
   from muloco_jax import model as model_lib
 

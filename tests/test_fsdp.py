@@ -50,7 +50,7 @@ def host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def run_diloco(mesh, average=diloco.psum_average, error_feedback=False, steps=3):
+def run_diloco(mesh, average=None, steps=3):
   trainer = runtime.DiLoCo(
     loss_fn,
     MUON,
@@ -58,7 +58,6 @@ def run_diloco(mesh, average=diloco.psum_average, error_feedback=False, steps=3)
     2,
     mesh,
     average=average,
-    error_feedback=error_feedback,
   )
   state = trainer.init(make_params())
   for step in range(steps):
@@ -76,7 +75,7 @@ def test_diloco_worker2_fsdp4_equals_fsdp1(compressed):
   kwargs = {}
   if compressed:
     spec = compression.CompressionSpec(kind="statistical", bits=4)
-    kwargs = dict(average=diloco.compressed_average(spec, error_feedback=True), error_feedback=True)
+    kwargs = dict(average=diloco.compressed_average(spec, error_feedback=True))
   _, sharded = run_diloco(sharding.make_mesh(2, 4), **kwargs)
   _, plain = run_diloco(sharding.make_mesh(2, 1), **kwargs)
   # The layouts really differ: a worker's kernel is split 4 ways, the shared one 8 ways.

@@ -102,7 +102,7 @@ def test_compressed_muloco_sync_is_the_same_in_both_layouts(problem):
   batch = _batch(jax.random.key(2), (num_workers, 2))
 
   def run(params, config):
-    state = diloco.init(params, MUON, outer_tx, num_workers, error_feedback=True)
+    state = diloco.init(params, MUON, outer_tx, num_workers, average=average)
     loss_fn = _loss_fn(config)
     state, _ = jax.jit(lambda s, b: diloco.inner_step(s, b, loss_fn, MUON))(state, batch)
     return jax.jit(lambda s: diloco.outer_sync(s, MUON, outer_tx, average=average))(state)
@@ -112,7 +112,7 @@ def test_compressed_muloco_sync_is_the_same_in_both_layouts(problem):
   _assert_same(state.params, stacked_state.params, atol=1e-5)
   for k in range(num_workers):
     worker = lambda tree: jax.tree.map(lambda x: x[k], tree)
-    _assert_same(worker(state.error), worker(stacked_state.error), atol=1e-5)
+    _assert_same(worker(state.average_state), worker(stacked_state.average_state), atol=1e-5)
     _assert_same(worker(state.worker_params), worker(stacked_state.worker_params), atol=1e-5)
   # Per-layer payloads: the same bytes on the wire (one table scale per layer, per-layer rows).
   assert float(metrics["sync_bytes"]) == float(stacked_metrics["sync_bytes"])
