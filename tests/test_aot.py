@@ -127,8 +127,9 @@ def test_bad_settings_fail_before_compiling(topology, overrides, message):
 
 @pytest.mark.slow
 def test_15b_muloco_on_v5p_4x4x4():
-  """The paper's 15B, K=2 on a v5p-128 slice (64 chips, one sequence each): fp32 parameters
-  and states replicated within a worker do not fit a chip's 95.74 GiB today."""
+  """The paper's 15B, K=2 on a v5p-128 slice (64 chips, one sequence each) fits: FSDP over a
+  worker's 32 chips and the shared state owned 1/64 per chip (0.2's replicated layout needed
+  313 GiB a chip)."""
   result = _aot(
     "muloco",
     "v5p:4x4x4",
@@ -143,12 +144,10 @@ def test_15b_muloco_on_v5p_4x4x4():
     "--config.model.max_seq_len=2048",
     timeout=1800,
   )
-  print(result.stderr[-3000:])
   summary = _summary(result)
-  print({name: p["peak_bytes"] / GIB for name, p in summary["programs"].items()})
-  assert result.returncode == 1
-  assert summary["fits"] is False and summary["peak_bytes_per_device"] > summary["hbm_bytes"]
-  assert "does not fit" in result.stderr and "diloco.fsdp" in result.stderr
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert summary["fits"] is True and summary["peak_bytes_per_device"] < 16 * GIB
+  assert summary["state_bytes_per_device"] < 1.01 * summary["state_bytes_total"] / 64
 
 
 def test_collectives_parser():
