@@ -351,10 +351,10 @@ def main(argv):
     flush=True,
   )
   state_bytes = sharding.state_bytes_per_device(state)
-  replicated = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+  total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
   print(
     f"train state: {state_bytes / GIB:.2f} GiB on the fullest device "
-    f"({replicated / GIB:.2f} GiB if every device held all of it: {state_bytes / replicated:.4f}x)",
+    f"({total / GIB:.2f} GiB if every device held all of it: {state_bytes / total:.4f}x)",
     flush=True,
   )
   report = {}
@@ -395,7 +395,7 @@ def main(argv):
     "peak_bytes_per_device": max(r["peak_bytes"] for r in report.values()),
     "hbm_bytes": hbm,
     "state_bytes_per_device": state_bytes,
-    "state_bytes_total": replicated,
+    "state_bytes_total": total,
     "topology": topology,
     "programs": report,
   }

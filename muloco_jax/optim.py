@@ -541,7 +541,9 @@ def _check_float_params(params):
 
 def _restrict_to_muon_leaves(tree):
   """A full-params tree (of dimension numbers, of specs) as a function of the masked Muon
-  subtree."""
+  subtree; None, a function or one `MuonDimensionNumbers` (already fit for any subtree) as is."""
+  if tree is None or callable(tree) or isinstance(tree, MuonDimensionNumbers):
+    return tree
 
   def restricted(masked_params):
     return jax.tree.map(
@@ -619,12 +621,6 @@ def muon(
     labels = functools.partial(muon_labels, stacked_axes=stacked_axes)
   if weight_decay_mask is layout.matrix_mask:
     weight_decay_mask = functools.partial(layout.matrix_mask, stacked_axes=stacked_axes)
-  dims = muon_weight_dimension_numbers
-  if dims is not None and not callable(dims) and not isinstance(dims, MuonDimensionNumbers):
-    dims = _restrict_to_muon_leaves(dims)
-  specs = param_specs
-  if specs is not None and not callable(specs):
-    specs = _restrict_to_muon_leaves(specs)
   muon_part = optax.chain(
     scale_by_muon(
       ns_coeffs=ns_coeffs,
@@ -633,12 +629,12 @@ def muon(
       eps=eps,
       mu_dtype=mu_dtype,
       nesterov=nesterov,
-      weight_dimension_numbers=dims,
+      weight_dimension_numbers=_restrict_to_muon_leaves(muon_weight_dimension_numbers),
       compute_dtype=compute_dtype,
       scale=scale,
       stacked_axes=stacked_axes,
       shard_axis=shard_axis,
-      param_specs=specs,
+      param_specs=_restrict_to_muon_leaves(param_specs),
     ),
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),

@@ -198,9 +198,9 @@ def fetch(tree):
 
 
 def _sync_record(syncs: list[dict]) -> dict:
-  """Host-side summary of a step's syncs (one per fragment synced): the last sync's metrics,
+  """Summary of a step's syncs (host values, one per fragment synced): the last sync's metrics,
   per-worker lists with their mean/spread, and the bytes of all of them."""
-  m = fetch(syncs[-1])
+  m = dict(syncs[-1])
   losses = np.asarray(m.pop("worker_train_loss"), np.float64)
   cosine = np.asarray(m["worker_cosine"], np.float64)
   return dict(
@@ -208,8 +208,7 @@ def _sync_record(syncs: list[dict]) -> dict:
     worker_train_loss=losses,
     worker_train_loss_spread=losses.max() - losses.min(),
     worker_cosine_mean=np.nanmean(cosine),
-    sync_bytes=sum(float(fetch(s["sync_bytes"])) for s in syncs),
-    sync_bytes_per_worker=sum(float(fetch(s["sync_bytes_per_worker"])) for s in syncs),
+    **{key: sum(float(s[key]) for s in syncs) for key in ("sync_bytes", "sync_bytes_per_worker")},
   )
 
 
