@@ -450,6 +450,53 @@ def tree_compressed_nbytes(
   )
 
 
+def _split_layer(x: jax.Array, num_chunks: int) -> jax.Array:
+  x = jnp.reshape(x, (1,)) if x.ndim == 0 else x
+  rows = -(-x.shape[0] // num_chunks)
+  x = jnp.pad(x, [(0, rows * num_chunks - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  return x.reshape((num_chunks, rows) + x.shape[1:])
+
+
+def split_rows(
+  tree: Any, num_chunks: int, *, stacked_axes: layout.StackedAxesFn = layout.stacked_axes
+) -> Any:
+  """Every leaf cut into ``num_chunks`` blocks of whole rows, stacked on a new leading axis.
+
+  One layer's tensor of shape ``(R, ...)`` (a scalar counts as ``(1,)``) is zero padded to
+  ``num_chunks * ceil(R / num_chunks)`` rows; chunk j holds rows ``[j r, (j + 1) r)``,
+  ``r = ceil(R / num_chunks)``.  A stacked leaf ``(L, R, ...)`` gives ``(num_chunks, L, r, ...)``:
+  each chunk is again a tree of per-layer tensors with the same paths, so every tree function
+  of this module applies to it (``jax.vmap`` over the chunk axis).  Rows are the quantizers'
+  rows, so per-row statistics of a chunk are those of the whole tensor.  ``join_rows`` inverts.
+  """
+
+  def split(path, x):
+    num_stacked = x.ndim - len(layout.layer_shape(path, x, stacked_axes=stacked_axes))
+    chunks = _per_layer(lambda y: _split_layer(y, num_chunks), num_stacked)(x)
+    return jnp.moveaxis(chunks, num_stacked, 0)
+
+  return jax.tree_util.tree_map_with_path(split, tree)
+
+
+def join_rows(
+  chunks: Any, like: Any, *, stacked_axes: layout.StackedAxesFn = layout.stacked_axes
+) -> Any:
+  """Inverse of ``split_rows``: the chunks put back together, padding dropped; ``like``
+  (arrays or ShapeDtypeStructs) gives the leaves' shapes."""
+
+  def join(path, x, chunk):
+    shape = layout.layer_shape(path, x, stacked_axes=stacked_axes)
+    num_stacked = len(x.shape) - len(shape)
+    rows = max(math.prod(shape[:1]), 1)
+
+    def join_layer(y):
+      return y.reshape((-1,) + y.shape[2:])[:rows].reshape(shape)
+
+    return _per_layer(join_layer, num_stacked)(jnp.moveaxis(chunk, 0, num_stacked))
+
+  return jax.tree_util.tree_map_with_path(join, like, chunks)
+
+
 def relative_error(original: Any, decoded: Any) -> jax.Array:
   """||original - decoded|| / ||original|| over all leaves of two like-shaped trees, in
   float32 (0 when ``original`` is zero)."""

@@ -12,6 +12,7 @@ import ml_collections
 
 from muloco_jax import compression
 from muloco_jax import data as data_lib
+from muloco_jax import diloco
 
 OPTIMIZERS = ("adamw", "muon", "sgd")
 COMPRESSORS = compression.KINDS
@@ -89,7 +90,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.compression.error_feedback = True
   c.compression.error_decay = 0.9
   c.compression.exclude = "vectors"  # vectors | vectors_embedding_head (the paper's runs)
-  c.compression.requantize_average = False  # the authors' re-quantization of the average
+  # How payloads cross workers: all_gather (each worker decodes all K) or reduce_scatter
+  # (all-to-all of row chunks, owners average and re-quantize, all-gather).
+  c.compression.collective = "all_gather"
+  c.compression.requantize_average = False  # all_gather: the authors' re-quantized average
+  c.compression.requantize_error_feedback = True  # reduce_scatter: owners' error feedback
   c.compression.table_dtype = "float16"  # statistical quantizer's decode table
   return c
 
@@ -171,6 +176,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   _check(
     c.exclude in EXCLUDE_RULES, "compression.exclude", c.exclude, f"is not one of {EXCLUDE_RULES}"
+  )
+  _check(
+    c.collective in diloco.COLLECTIVES,
+    "compression.collective",
+    c.collective,
+    f"is not one of {diloco.COLLECTIVES}",
+  )
+  _check(
+    not (c.requantize_average and c.collective == "reduce_scatter"),
+    "compression.requantize_average",
+    c.requantize_average,
+    "simulates a compressed reduce-scatter with compression.collective='all_gather'; "
+    "'reduce_scatter' re-quantizes the average itself",
   )
   compression_spec(config)  # validates bits, topk_fraction, table_dtype
   # The split over the devices of the mesh is checked once the mesh is known.

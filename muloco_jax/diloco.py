@@ -43,8 +43,10 @@ class Averager(NamedTuple):
   """How workers agree on one pseudogradient, optax style (``mean_average``,
   ``compressed_average``).
 
-  ``init(params, num_workers) -> state``: the averager's own state, a tree shaped like
-  ``params`` with a leading worker axis (e.g. error-feedback buffers), or ``{}``.
+  ``init(params, num_workers) -> state``: the averager's own state, a dict of named buffers
+  (``{}`` for none), each a tree with the top-level keys of ``params`` (streaming DiLoCo hands
+  ``update`` one fragment's part of each) whose leaves all have a leading axis of size K: the
+  worker, or the owner of a chunk, that holds that slice (e.g. error-feedback buffers).
   ``update(deltas, contributes, state) -> (delta, state, metrics)``: ``deltas`` has a leading
   worker axis (zero for workers not in C), ``contributes`` is bool ``[workers]``; ``delta`` is
   the agreed average, ``metrics`` scalars.  Streaming DiLoCo passes the subtrees of one fragment.
@@ -67,8 +69,8 @@ class DiLoCoState(NamedTuple):
       the whole tree, without streaming).
     worker_params: ``theta_k``, every leaf with a leading worker axis of size K.
     worker_opt_state: inner optimizer state of every worker, leading worker axis of size K.
-    average_state: the averager's state (``Averager.init``; error-feedback buffers ``e_k`` of
-      every worker, leading worker axis), or ``{}`` when it keeps none.
+    average_state: the averager's state (``Averager.init``: named buffers, e.g. the workers'
+      error-feedback buffers ``e_k``, leading worker axis), ``{}`` when it keeps none.
     step: int32 number of inner steps taken.
   """
 
@@ -228,72 +230,181 @@ def mean_average() -> Averager:
   return Averager(lambda params, num_workers: {}, update, coordinatewise=True)
 
 
+COLLECTIVES = ("all_gather", "reduce_scatter")
+
+
 def compressed_average(
   spec: compression.CompressionSpec,
   *,
+  collective: str = "all_gather",
   error_feedback: bool = True,
   error_decay: float = 0.9,
   exclude: compression.ExcludeFn = compression.exclude_vectors,
   requantize_average: bool = False,
+  requantize_error_feedback: bool = True,
 ) -> Averager:
   """An averager that exchanges compressed pseudogradients (MuLoCo's 2-8 bit sync).
 
-  Per worker k (error feedback on):  e_k <- beta e_k + delta_k;  c_k = C(e_k);
-  e_k <- e_k - D(c_k).  Off:  c_k = C(delta_k).  The packed payloads ``c_k`` are
-  all-gathered over the worker axis (``sharding.gather_workers``: the uint8 codes and side
-  data cross the links, not decoded floats); every worker decodes all K and averages the
-  contributing ones: ``delta = sum_{k in C} D(c_k) / |C|``.  ``requantize_average`` applies
-  ``D(C(.))`` once more to the average, as the authors' runs do to stand in for a compressed
-  reduce-scatter + all-gather.  A worker left out keeps its error buffer unchanged.  The state
-  is the K float32 buffers ``e_k`` (``{}`` without error feedback).
+  Every worker k compresses what it sends, with error feedback (on by default):
+  ``e_k <- beta e_k + delta_k;  c_k = C(e_k);  e_k <- e_k - D(c_k)``; without it
+  ``c_k = C(delta_k)``.  A worker left out of the round keeps its buffer unchanged.  Then the
+  packed payloads (uint8 codes and side data, never decoded floats) cross the links, in one of
+  two ``collective`` patterns:
 
-  Metrics: ``num_contributing``; ``sync_bytes`` = K x the bytes of one worker's payload
-  (the packed arrays handed to the all-gather); ``sync_bytes_per_worker`` = (K-1) payloads, what
-  one worker sends in the all-gather; ``compression_error`` = mean over contributing workers of
+  * ``"all_gather"``: every worker gathers all K payloads, decodes them and averages the
+    contributing ones: ``delta = sum_{k in C} D(c_k) / |C|``.  One worker sends K - 1 payloads
+    and decodes K float32 trees.  ``requantize_average`` applies ``D(C(.))`` to the average once
+    more, as the authors' runs do to stand in for the reduce-scatter below.
+  * ``"reduce_scatter"``: each tensor's rows are cut into K chunks (``compression.split_rows``;
+    chunk j is owned by worker j) and every chunk compressed on its own.  One all-to-all hands
+    chunk j of every payload to worker j, which decodes its K chunks, averages them in float32
+    (``a_j``), compresses the average again, with error feedback of its own when
+    ``requantize_error_feedback`` (``r_j <- beta r_j + a_j;  q_j = C(r_j);  r_j <- r_j -
+    D(q_j)``; neither the authors' code nor torchft keeps this buffer), and the packed ``q_j``
+    are all-gathered: ``delta = concat_j D(q_j)``.  One worker sends 2 (K-1)/K payloads and
+    holds one float32 tree of decoded chunks.  With per-row statistics every chunk is quantized
+    exactly as in the whole tensor, so without the owners' error feedback this is
+    ``"all_gather"`` with ``requantize_average`` (to float32 round-off); per-tensor statistics
+    and top-k's k become per chunk (padding rows included).
+
+  The state is a dict of buffers, each a tree with the parameters' top-level keys and a leading
+  axis of K: ``"worker_error"`` (``e_k``, with ``error_feedback``) and ``"owner_error"``
+  (``r_j`` over chunk j's rows, reduce_scatter with ``requantize_error_feedback``).
+
+  Metrics: ``num_contributing``; ``sync_bytes`` = K x the bytes of one worker's payload;
+  ``sync_bytes_per_worker``, what one worker sends over its link per sync: all_gather K - 1
+  payloads; reduce_scatter (K-1)/K of its payload in the all-to-all plus K - 1 re-quantized
+  chunks in the all-gather; ``compression_error`` = mean over contributing workers of
   ||x_k - D(C(x_k))|| / ||x_k|| for the compressed input x_k (e_k or delta_k);
-  ``error_buffer_norm`` = mean over workers of ||e_k|| after the step.
+  ``error_buffer_norm`` = mean over workers of ||e_k|| after the step; reduce_scatter adds
+  ``average_compression_error``, the same ratio for the owners' second compression.
   """
+  if collective not in COLLECTIVES:
+    raise ValueError(f"compression.collective must be one of {COLLECTIVES}, got {collective!r}")
+  if collective == "reduce_scatter" and requantize_average:
+    raise ValueError(
+      "compression.requantize_average=True simulates a compressed reduce-scatter on top of "
+      "compression.collective='all_gather'; 'reduce_scatter' re-quantizes the average itself"
+    )
+  scatter = collective == "reduce_scatter"
+  owner_feedback = scatter and requantize_error_feedback
 
   def init(params, num_workers):
-    return _stack(compression.init_error(params), num_workers) if error_feedback else {}
+    state = {}
+    if error_feedback:
+      state["worker_error"] = _stack(compression.init_error(params), num_workers)
+    if owner_feedback:
+      chunks = jax.eval_shape(lambda p: compression.split_rows(p, num_workers), params)
+      state["owner_error"] = compression.init_error(chunks)
+    return state
 
-  def update(deltas, contributes, error):
-    def one_worker(e, d):
-      return compression.error_feedback_tree(
-        e, d, spec, error_decay, exclude, use_ef=error_feedback
-      )
-
+  def update(deltas, contributes, state):
+    num_workers = contributes.shape[0]
+    count, divisor = _count(contributes)
+    weights = contributes.astype(jnp.float32)
     like = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
-    payloads, new_error = jax.vmap(one_worker)(error, deltas)
+    num_chunks = num_workers if scatter else 1
+    split = lambda tree: compression.split_rows(tree, num_chunks)
+    chunk_like = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), jax.eval_shape(split, like)
+    )
+    over_chunks = jax.vmap
+
+    def decode_chunk(payload):
+      return compression.decompress_tree(payload, spec, chunk_like, exclude)
+
+    def decode(chunk_payloads):
+      return compression.join_rows(over_chunks(decode_chunk)(chunk_payloads), like)
+
+    def encode(error, delta):  # one worker's chunks: (payloads, new error)
+      if not error_feedback:
+        return over_chunks(lambda d: compression.compress_tree(d, spec, exclude))(split(delta)), {}
+      payloads, residual = over_chunks(
+        lambda e, d: compression.error_feedback_tree(e, d, spec, error_decay, exclude)
+      )(split(error), split(delta))
+      return payloads, compression.join_rows(residual, like)
+
+    error = state.get("worker_error", {})
+    # Pinned where each step happens, so that only the packed payloads cross workers.
+    payloads, new_error = sharding.split_over_workers(jax.vmap(encode)(error, deltas))
     if error_feedback:
       sent = jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
       new_error = _select_workers(contributes, new_error, error)
     else:
       sent = deltas
-    decoded = jax.vmap(lambda p: compression.decompress_tree(p, spec, like, exclude))(
-      sharding.gather_workers(payloads)
-    )
-    count, divisor = _count(contributes)
-    num_workers = contributes.shape[0]
-    weights = contributes.astype(jnp.float32)
-    delta = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / divisor, decoded)
-    if requantize_average:
-      delta = compression.roundtrip_tree(delta, spec, exclude)
-    delta = jax.tree.map(lambda x, d: x.astype(d.dtype), delta, like)
-
-    rel_error = jax.vmap(compression.relative_error)(sent, decoded)
-    error_norm = jnp.sqrt(jax.vmap(_tree_dot)(new_error, new_error)) if error_feedback else 0.0
+    mean = lambda tree: jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / divisor, tree)
     payload = compression.payload_nbytes(payloads) // num_workers
-    metrics = {
-      "num_contributing": count,
-      "sync_bytes": jnp.float32(num_workers * payload),
-      "sync_bytes_per_worker": jnp.float32((num_workers - 1) * payload),
-      "compression_error": jnp.sum(jnp.where(contributes, rel_error, 0.0)) / divisor,
-      "error_buffer_norm": jnp.sum(error_norm) / num_workers,
-    }
-    return delta, new_error, metrics
+    new_state, metrics = {}, {}
+    if scatter:
+      at_owners = sharding.split_over_workers(payloads, dim=1)
+      average = mean(sharding.split_over_workers(jax.vmap(over_chunks(decode_chunk))(at_owners), 1))
+      if owner_feedback:
+        owner_error = state["owner_error"]
+        owner_payloads, residual = over_chunks(
+          lambda r, a: compression.error_feedback_tree(r, a, spec, error_decay, exclude)
+        )(owner_error, average)
+        new_state["owner_error"] = _select(count > 0, residual, owner_error)
+        owner_sent = jax.tree.map(lambda r, a: error_decay * r + a, owner_error, average)
+      else:
+        owner_payloads = over_chunks(lambda a: compression.compress_tree(a, spec, exclude))(average)
+        owner_sent = average
+      owner_payloads = sharding.split_over_workers(owner_payloads)
+      owner_decoded = over_chunks(decode_chunk)(owner_payloads)
+      delta_chunks = over_chunks(decode_chunk)(sharding.gather_workers(owner_payloads))
+      delta = compression.join_rows(sharding.gather_workers(delta_chunks), like)
+      own = jax.vmap(decode)(payloads)
+      chunk = compression.payload_nbytes(owner_payloads) / num_workers
+      per_worker = (num_workers - 1) / num_workers * payload + (num_workers - 1) * chunk
+      metrics["average_compression_error"] = compression.relative_error(owner_sent, owner_decoded)
+    else:
+      own = sharding.gather_workers(jax.vmap(decode)(sharding.gather_workers(payloads)))
+      delta = mean(own)
+      if requantize_average:
+        delta = compression.roundtrip_tree(delta, spec, exclude)
+      per_worker = (num_workers - 1) * payload
+    if error_feedback:
+      new_state["worker_error"] = new_error
+    delta = sharding.like_one_worker(jax.tree.map(lambda x, d: x.astype(d.dtype), delta, like))
+
+    rel_error = jax.vmap(compression.relative_error)(sent, own)
+    error_norm = jnp.sqrt(jax.vmap(_tree_dot)(new_error, new_error)) if error_feedback else 0.0
+    metrics.update(
+      num_contributing=count,
+      sync_bytes=jnp.float32(num_workers * payload),
+      sync_bytes_per_worker=jnp.float32(per_worker),
+      compression_error=jnp.sum(jnp.where(contributes, rel_error, 0.0)) / divisor,
+      error_buffer_norm=jnp.sum(error_norm) / num_workers,
+    )
+    return delta, new_state, metrics
 
   return Averager(init, update)
+
+
+def compressed_sync_bytes(
+  params: PyTree,
+  spec: compression.CompressionSpec,
+  num_workers: int,
+  *,
+  collective: str = "all_gather",
+  exclude: compression.ExcludeFn = compression.exclude_vectors,
+) -> dict:
+  """Closed form of ``compressed_average``'s traffic for parameters of these shapes.
+
+  ``payload``: bytes of one worker's packed pseudogradient (reduce_scatter: its K chunks, each
+  padded to ``ceil(R / K)`` rows and compressed on its own); ``per_worker``: bytes one worker
+  sends over its link per sync: all_gather (K-1) payloads, reduce_scatter (K-1)/K of its
+  payload in the all-to-all and (K-1) re-quantized chunks (a payload / K each) in the
+  all-gather, 2 (K-1)/K payloads in all.
+  """
+  if collective not in COLLECTIVES:
+    raise ValueError(f"compression.collective must be one of {COLLECTIVES}, got {collective!r}")
+  chunks = num_workers if collective == "reduce_scatter" else 1
+  split = jax.eval_shape(lambda p: compression.split_rows(p, chunks), params)
+  one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], jnp.float32), split)
+  payload = chunks * compression.tree_compressed_nbytes(one_chunk, spec, exclude)
+  k = num_workers
+  per_worker = (k - 1) * payload if chunks == 1 else 2 * (k - 1) / k * payload
+  return {"payload": payload, "per_worker": per_worker}
 
 
 def outer_step(
@@ -380,7 +491,7 @@ def outer_sync(
   fragment's subtree) and the metrics.
   """
   fragment = fragments[fragment_index]
-  average_state = subtree(state.average_state, fragment) if state.average_state != {} else {}
+  average_state = {name: subtree(tree, fragment) for name, tree in state.average_state.items()}
   theta, fragment_outer_state, average_state, metrics = outer_step(
     subtree(state.params, fragment),
     state.outer_opt_state[fragment_index],
@@ -407,9 +518,9 @@ def outer_sync(
     outer_opt_state=outer_opt_state,
     worker_params=worker_params,
     worker_opt_state=worker_opt_state,
-    average_state=(
-      merge(state.average_state, average_state, fragment) if average_state != {} else {}
-    ),
+    average_state={
+      name: merge(state.average_state[name], tree, fragment) for name, tree in average_state.items()
+    },
   )
   return state, dict(metrics, worker_opt_state_reset=reset)
 

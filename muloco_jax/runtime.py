@@ -229,7 +229,15 @@ class DiLoCo(_Layout):
     mesh, inner_tx, outer_tx = self.mesh, self.inner_tx, self.outer_tx
     k, fragments = self.num_workers, self.fragments
     worker_specs = sharding.fsdp_specs(param_shapes, mesh.shape[FSDP_AXIS])
-    owned = sharding.owned_specs(param_shapes, worker_specs, mesh)
+    # The mean is coordinatewise, so each worker row can own 1/W of the shared parameters and
+    # outer state.  A compressing averager hands every worker the same decoded average, and
+    # every worker keeps the shared parameters and steps the outer optimizer itself: then only
+    # packed payloads cross workers (pseudogradients need theta_ref at every worker).
+    owned = (
+      sharding.owned_specs(param_shapes, worker_specs, mesh)
+      if self.average.coordinatewise
+      else worker_specs
+    )
     inner_specs = sharding.state_specs(
       jax.eval_shape(inner_tx.init, param_shapes), param_shapes, worker_specs
     )
@@ -244,13 +252,9 @@ class DiLoCo(_Layout):
     stacked = lambda specs: jax.tree.map(
       sharding.per_worker, specs, is_leaf=lambda s: isinstance(s, P)
     )
-    stacked_shapes = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype), param_shapes
-    )
-    average_specs = sharding.state_specs(
+    average_specs = sharding.leading_axis_specs(
       jax.eval_shape(functools.partial(self.average.init, num_workers=k), param_shapes),
-      stacked_shapes,
-      stacked(worker_specs),
+      mesh.shape[FSDP_AXIS],
     )
     specs = diloco.DiLoCoState(
       params=owned,

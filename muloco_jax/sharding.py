@@ -226,14 +226,50 @@ def named(mesh: Mesh, specs: PyTree) -> PyTree:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
+def _constrain_worker_axis(tree: PyTree, dim: int | None) -> PyTree:
+  if axis_size(WORKER_AXIS) == 1:
+    return tree
+
+  def constrain(x):
+    spec = [P.UNCONSTRAINED] * x.ndim
+    spec[dim or 0] = None if dim is None else WORKER_AXIS
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+  return jax.tree.map(constrain, tree)
+
+
+def split_over_workers(tree: PyTree, dim: int = 0) -> PyTree:
+  """``tree`` constrained to be split over ``worker`` along dimension ``dim`` of every leaf
+  (other dimensions as XLA likes).  Moving the split from dimension 0 (one slice per worker) to
+  dimension 1 (``[workers, K chunks, ...]``: worker row j holds chunk j of every worker) is an
+  all-to-all of exactly these arrays.  A no-op without a mesh in context."""
+  return _constrain_worker_axis(tree, dim)
+
+
 def gather_workers(tree: PyTree) -> PyTree:
   """``tree`` (leading worker axis) constrained to be whole on every worker row: an all-gather
   over ``worker`` of exactly these arrays (e.g. packed payloads, not their decoded floats).
   Other dimensions keep the sharding XLA gives them; a no-op without a mesh in context."""
-  if axis_size(WORKER_AXIS) == 1:
+  return _constrain_worker_axis(tree, None)
+
+
+def like_one_worker(tree: PyTree) -> PyTree:
+  """``tree`` (shaped like the parameters) constrained to one worker's layout, ``fsdp_spec``:
+  the same on every worker row.  A no-op without a mesh in context."""
+  if axis_size(WORKER_AXIS) * axis_size(FSDP_AXIS) == 1:
     return tree
-  return jax.tree.map(
-    lambda x: jax.lax.with_sharding_constraint(x, P(None, *[P.UNCONSTRAINED] * (x.ndim - 1))),
+  specs = fsdp_specs(tree)
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, specs)
+
+
+def leading_axis_specs(tree: PyTree, fsdp: int) -> PyTree:
+  """Specs of buffers whose leaves have a leading axis of K (one slice per worker or owner,
+  e.g. ``diloco.Averager`` states): that axis over ``worker``, the rest as ``fsdp_spec``
+  shards one slice."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: per_worker(
+      fsdp_spec(path, jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), fsdp)
+    ),
     tree,
   )
 

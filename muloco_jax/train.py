@@ -168,7 +168,9 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes,
       error_decay=c.error_decay,
       exclude=config_lib.EXCLUDE_RULES[c.exclude],
       requantize_average=c.requantize_average,
+      collective=c.collective,
     )
+      requantize_error_feedback=c.requantize_error_feedback,
   return runtime.DiLoCo(
     loss_fn,
     tx,

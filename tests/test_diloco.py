@@ -374,7 +374,7 @@ def test_error_feedback_buffers_hold_what_was_not_sent():
   sent = [compression.roundtrip_tree(jax.tree.map(lambda d: d[k], deltas), spec) for k in range(4)]
   for k in range(4):
     residual = jax.tree.map(lambda d, s: d[k] - s, deltas, sent[k])
-    assert_trees_close(jax.tree.map(lambda e: e[k], host(state.average_state)), residual, atol=1e-6)
+    assert_trees_close(jax.tree.map(lambda e: e[k], host(state.average_state["worker_error"])), residual, atol=1e-6)
   mean_sent = jax.tree.map(lambda *s: np.mean(s, axis=0), *sent)
   assert_trees_close(
     state.params, jax.tree.map(lambda t, d: t - d, before.params, mean_sent), atol=1e-6

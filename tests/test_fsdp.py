@@ -67,24 +67,29 @@ def run_diloco(mesh, average=None, steps=3):
   return trainer, state
 
 
-@pytest.mark.parametrize("compressed", [False, True], ids=["muloco", "muloco_4bit_ef"])
-def test_diloco_worker2_fsdp4_equals_fsdp1(compressed):
+@pytest.mark.parametrize("collective", [None, "all_gather", "reduce_scatter"])
+def test_diloco_worker2_fsdp4_equals_fsdp1(collective):
   """MuLoCo K=2 on 2 x 4 devices (parameters, Muon and Adam states, error feedback sharded 4
   ways; Newton-Schulz distributed) equals K=2 on 2 x 1 devices, after inner steps, a sync and
-  one more inner step."""
+  one more inner step: uncompressed, and 4-bit with error feedback over either collective."""
   kwargs = {}
-  if compressed:
+  if collective:
     spec = compression.CompressionSpec(kind="statistical", bits=4)
-    kwargs = dict(average=diloco.compressed_average(spec, error_feedback=True))
+    kwargs = dict(average=diloco.compressed_average(spec, collective=collective))
   _, sharded = run_diloco(sharding.make_mesh(2, 4), **kwargs)
   _, plain = run_diloco(sharding.make_mesh(2, 1), **kwargs)
-  # The layouts really differ: a worker's kernel is split 4 ways, the shared one 8 ways.
+  # The layouts really differ: a worker's kernel is split 4 ways; the shared one 8 ways when
+  # each worker row owns half (the mean), 4 ways when every worker keeps it (compressed).
   kernel = sharded.worker_params["layers"]["up"]["kernel"]
   assert kernel.sharding.shard_shape(kernel.shape) == (1, L, D, H // 4)
   shared = sharded.params["layers"]["up"]["kernel"]
-  assert np.prod(shared.sharding.shard_shape(shared.shape)) == shared.size // 8
+  ways = 4 if collective else 8
+  assert np.prod(shared.sharding.shard_shape(shared.shape)) == shared.size // ways
+  # Round-off that moves an averaged value across a bin edge of the owners' second
+  # quantization shows as a few 1e-5 differences after the outer step.
+  atol = 1e-4 if collective == "reduce_scatter" else 2e-5
   for a, b in zip(jax.tree.leaves(host(sharded)), jax.tree.leaves(host(plain))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
 
 
 def test_data_parallel_fsdp8_equals_fsdp1():
