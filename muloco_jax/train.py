@@ -167,10 +167,10 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes,
       error_feedback=c.error_feedback,
       error_decay=c.error_decay,
       exclude=config_lib.EXCLUDE_RULES[c.exclude],
-      requantize_average=c.requantize_average,
       collective=c.collective,
-    )
+      requantize_average=c.requantize_average,
       requantize_error_feedback=c.requantize_error_feedback,
+    )
   return runtime.DiLoCo(
     loss_fn,
     tx,
