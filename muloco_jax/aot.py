@@ -9,15 +9,19 @@ sharding the run would give it, so nothing is allocated.  The programs are the o
 `sharding.mesh_for_workers` over the topology's devices, `programs` of `muloco_jax.runtime`):
 
   diloco.num_workers = 0   `train_step` (data parallelism, FSDP over the `fsdp` axis);
-  diloco.num_workers = K   `inner_step` (all K workers) and `outer_sync` (fragment 0).
+  diloco.num_workers = K   `inner_step` (all K workers) and `outer_sync` (fragment 0);
+                           with diloco.overlap_steps > 0 also `overlapped_step`, the inner
+                           step that runs fragment 0's exchange beside it.
 
 It also prints the train state's bytes on the fullest device (`sharding.state_bytes_per_device`,
 from the shardings alone) beside those of a layout with every leaf replicated.
 
 For each it prints the compiler's per-device memory (`Compiled.memory_analysis()`): arguments,
 outputs, aliased (donated) bytes, temporaries, generated code and the peak, against the HBM of one
-device; and, for the outer sync, the collectives of the compiled HLO (kind, count, operand bytes,
-whether they cross workers) and its async start/done pairs.  jax 0.10.2's `CompiledMemoryStats`
+device; and, for every program, the collectives of the compiled HLO (kind, count, operand
+bytes, whether they cross workers), its async start/done pairs and how
+many of those have matrix multiplies scheduled between start and done (the transfer overlaps
+them).  jax 0.10.2's `CompiledMemoryStats`
 has argument/output/alias/temp/generated_code_size_in_bytes (and host_ twins, all 0 here) and
 `peak_memory_in_bytes`, the high-water mark of the TPU compiler's buffer assignment: that is the
 peak used.  It is within a few percent of arguments + outputs - aliased + temporaries + code for
@@ -225,21 +229,48 @@ _INSTRUCTION = re.compile(
 )
 
 
+def _is_matmul(opcode: str, name: str, line: str) -> bool:
+  """A matrix multiply: a dot/convolution, or a fusion around one (the TPU compiler names those
+  ``convolution...``/``dot...`` fusions of kind kOutput)."""
+  return opcode in ("dot", "convolution") or (
+    opcode == "fusion" and (name.startswith(("convolution", "dot")) or "kind=kOutput" in line)
+  )
+
+
 def collectives(hlo: str, fsdp: int, dcn_crosses_workers: bool) -> dict:
   """Per collective kind in compiled HLO text: count, operand bytes (per device) and how many
-  cross workers; and the number of async start/done pairs per opcode (collectives, copies...).
+  cross workers; the number of async start/done pairs per opcode (collectives, copies...); and,
+  per async kind other than copies, how many pairs have matrix multiplies scheduled between
+  start and done (``overlap``: the transfer runs while they compute) and how many in all.
 
   Device i of the program is in worker row i // fsdp (the mesh's order).  Across
   slices a collective is a send/recv pair to the DCN ("megascale") runtime: counted once, as
   "dcn-KIND", crossing workers when `dcn_crosses_workers` (each worker row inside one slice).
   """
   shapes, calls, pairs = {}, [], collections.Counter()
+  overlap = collections.defaultdict(lambda: {"pairs": 0, "with_matmuls": 0, "matmuls_between": 0})
+  started, matmuls = {}, 0  # async starts of the current computation: name -> matmuls before
   for line in hlo.splitlines():
+    if line.endswith("{") and not line.startswith(" "):  # a new computation
+      started, matmuls = {}, 0
     match = _INSTRUCTION.match(line)
     if not match:
       continue
     name, shape, opcode, operands = match.groups()
     shapes[name] = shape
+    if opcode.endswith("-start") or opcode in ("send", "recv"):
+      started[name] = matmuls
+    elif (
+      opcode.endswith("-done") or opcode in ("send-done", "recv-done")
+    ) and opcode != "copy-done":
+      start = re.findall(r"%([\w.\-]+)", operands)[:1]
+      if start and start[0] in started:
+        entry = overlap[opcode.removesuffix("-done")]
+        between = matmuls - started.pop(start[0])
+        entry["pairs"] += 1
+        entry["with_matmuls"] += between > 0
+        entry["matmuls_between"] += between
+    matmuls += _is_matmul(opcode, name, line)
     if opcode.endswith("-start"):
       pairs[opcode.removesuffix("-start")] += 1
     dcn = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
@@ -256,7 +287,7 @@ def collectives(hlo: str, fsdp: int, dcn_crosses_workers: bool) -> dict:
     entry["count"] += 1
     entry["operand_bytes"] += sum(_shape_bytes(shapes.get(n, "")) for n in names)
     entry["cross_worker"] += crosses
-  return {"collectives": dict(found), "async_pairs": dict(pairs)}
+  return {"collectives": dict(found), "async_pairs": dict(pairs), "overlap": dict(overlap)}
 
 
 def compile_program(fn, args, hbm: int) -> dict:
@@ -361,7 +392,7 @@ def main(argv):
   for name, (fn, args) in jobs.items():
     result = compile_program(fn, args, hbm)
     hlo = result.pop("hlo", None)
-    if name == "outer_sync" and hlo is not None:
+    if hlo is not None:
       rows = [{getattr(d, "slice_index", 0) for d in row} for row in mesh.devices]
       dcn_crosses_workers = all(len(r) == 1 for r in rows) and len(set().union(*rows)) > 1
       result.update(collectives(hlo, mesh.shape[sharding.FSDP_AXIS], dcn_crosses_workers))
@@ -389,6 +420,12 @@ def main(argv):
       )
     if result.get("async_pairs"):
       print(f"  async start/done pairs: {result['async_pairs']}", flush=True)
+    for kind, o in result.get("overlap", {}).items():
+      print(
+        f"  {kind} start..done: {o['with_matmuls']} of {o['pairs']} with matrix multiplies "
+        f"between ({o['matmuls_between']} in all)",
+        flush=True,
+      )
   fits = all(r["fits"] for r in report.values())
   summary = {
     "fits": fits,

@@ -60,8 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.momentum = 0.95  # Muon momentum; SGD momentum
   c.optimizer.nesterov = True
-  c.optimizer.ns_schedule = "muloco"  # classic | muloco
+  c.optimizer.ns_schedule = "muloco"  # classic | muloco | polar_express
   c.optimizer.ns_steps = 5
+  c.optimizer.ns_method = "newton_schulz"  # newton_schulz | gram (Gram Newton-Schulz)
   c.optimizer.ns_dtype = "bfloat16"  # Newton-Schulz compute dtype
   c.optimizer.muon_scale = "spectral"  # spectral | moonlight | none
   c.optimizer.adam_learning_rate = 0.0  # Muon's AdamW part; 0: optimizer.learning_rate
@@ -78,6 +79,11 @@ def default_config() -> ml_collections.ConfigDict:
   # The paper's weight-decay rescaling: wd *= (B / K) / reference; 0 = off (paper: 512).
   c.diloco.weight_decay_reference_batch = 0
   c.diloco.num_fragments = 1  # streaming DiLoCo: F fragments synced at staggered steps
+  # tau: a sync's exchange runs beside the next inner step and is adopted tau steps after the
+  # sync step (the authors' fragment_sync_delay); 0: no overlap.  Must be < sync_every.
+  c.diloco.overlap_steps = 0
+  # alpha: on adoption theta_k <- (1 - alpha) theta + alpha theta_k (fragment_update_alpha).
+  c.diloco.mixing = 0.0
   # Failure injection: "WORKER:START-END,..." loses worker WORKER for steps [START, END) (END
   # empty: for good); it misses the syncs in that window and rejoins from the shared parameters.
   c.diloco.drop_workers = ""
@@ -165,6 +171,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d.num_fragments,
     f"exceeds diloco.sync_every={d.sync_every} (fragments would share sync steps)",
   )
+  _check(
+    0 <= d.overlap_steps < d.sync_every,
+    "diloco.overlap_steps",
+    d.overlap_steps,
+    f"must be in [0, diloco.sync_every={d.sync_every}) (adopted before the fragment's next sync)",
+  )
+  _check(0.0 <= d.mixing <= 1.0, "diloco.mixing", d.mixing, "must be in [0, 1]")
   drop_schedule(config)  # validates diloco.drop_workers
   c = config.compression
   _check(c.kind in COMPRESSORS, "compression.kind", c.kind, f"is not one of {COMPRESSORS}")

@@ -469,9 +469,8 @@ def outer_step(
   return new_theta, new_outer_state, average_state, metrics
 
 
-def outer_sync(
+def exchange(
   state: DiLoCoState,
-  inner_tx: optax.GradientTransformation,
   outer_tx: optax.GradientTransformation,
   active: jax.Array | None = None,
   average: Averager | None = None,
@@ -479,16 +478,11 @@ def outer_sync(
   fragment_index: int = 0,
   regroup: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[DiLoCoState, dict]:
-  """Sync of one fragment (the whole tree without streaming): ``outer_step``, then every
-  worker restarts that fragment from the new theta.
-
-  Every worker (contributing or not) takes the new ``theta`` of the fragment; a worker keeps its
-  inner optimizer state unless that state holds a non-finite value or the worker is inactive
-  (a lost worker comes back without its state), in which case it restarts from
-  ``inner_tx.init(theta)`` with the schedule positions of its old state (see
-  ``restart_inner_state``; reported as ``worker_opt_state_reset``).
-  ``step`` is unchanged.  See ``outer_step`` for ``active``, ``average``, ``regroup`` (given the
-  fragment's subtree) and the metrics.
+  """The first half of a sync of one fragment: ``outer_step`` on the workers' current
+  parameters, which updates the shared parameters, the outer state and the averager's state.
+  The workers' parameters are left as they are (``adopt`` hands them the new theta).  See
+  ``outer_step`` for ``active``, ``average``, ``regroup`` (given the fragment's subtree) and
+  the metrics.
   """
   fragment = fragments[fragment_index]
   average_state = {name: subtree(tree, fragment) for name, tree in state.average_state.items()}
@@ -502,26 +496,72 @@ def outer_sync(
     average_state=average_state,
     regroup=regroup,
   )
-  num_workers = jax.tree.leaves(state.worker_params)[0].shape[0]
-  params = merge(state.params, theta, fragment)
-  worker_params = merge(state.worker_params, _stack(theta, num_workers), fragment)
-  reset = ~_workers_all_finite(state.worker_opt_state, num_workers)
-  if active is not None:
-    reset |= ~active
-  fresh = restart_inner_state(inner_tx.init(params), state.worker_opt_state, num_workers)
-  worker_opt_state = _select_workers(reset, fresh, state.worker_opt_state)
   outer_opt_state = tuple(
     fragment_outer_state if i == fragment_index else s for i, s in enumerate(state.outer_opt_state)
   )
   state = state._replace(
-    params=params,
+    params=merge(state.params, theta, fragment),
     outer_opt_state=outer_opt_state,
-    worker_params=worker_params,
-    worker_opt_state=worker_opt_state,
     average_state={
       name: merge(state.average_state[name], tree, fragment) for name, tree in average_state.items()
     },
   )
+  return state, metrics
+
+
+def adopt(
+  state: DiLoCoState,
+  inner_tx: optax.GradientTransformation,
+  active: jax.Array | None = None,
+  fragments: "tuple[Fragment, ...]" = (None,),
+  fragment_index: int = 0,
+  mixing: float = 0.0,
+) -> tuple[DiLoCoState, jax.Array]:
+  """The second half of a sync: every worker takes the fragment's shared parameters,
+  ``theta_k <- (1 - alpha) theta + alpha theta_k`` with ``alpha = mixing`` (0: theta itself;
+  the authors' ``fragment_update_alpha``, torchft's lerp towards the local parameters).
+
+  A worker whose inner optimizer state or fragment parameters hold a non-finite value, or that
+  is inactive (a lost worker comes back without its state), takes theta itself and restarts its
+  inner state from ``inner_tx.init(theta)`` with the schedule positions of its old state (see
+  ``restart_inner_state``).  Returns the state and that bool ``[workers]`` reset mask.
+  """
+  fragment = fragments[fragment_index]
+  theta, local = subtree(state.params, fragment), subtree(state.worker_params, fragment)
+  num_workers = jax.tree.leaves(state.worker_params)[0].shape[0]
+  reset = ~_workers_all_finite(state.worker_opt_state, num_workers)
+  reset |= ~_workers_all_finite(local, num_workers)
+  if active is not None:
+    reset |= ~active
+  mixed = _stack(theta, num_workers)
+  if mixing:
+    blended = jax.tree.map(lambda t, w: (1 - mixing) * t + mixing * w, mixed, local)
+    mixed = _select_workers(reset, mixed, blended)
+  fresh = restart_inner_state(inner_tx.init(state.params), state.worker_opt_state, num_workers)
+  state = state._replace(
+    worker_params=merge(state.worker_params, mixed, fragment),
+    worker_opt_state=_select_workers(reset, fresh, state.worker_opt_state),
+  )
+  return state, reset
+
+
+def outer_sync(
+  state: DiLoCoState,
+  inner_tx: optax.GradientTransformation,
+  outer_tx: optax.GradientTransformation,
+  active: jax.Array | None = None,
+  average: Averager | None = None,
+  fragments: "tuple[Fragment, ...]" = (None,),
+  fragment_index: int = 0,
+  regroup: Callable[[PyTree], PyTree] | None = None,
+  mixing: float = 0.0,
+) -> tuple[DiLoCoState, dict]:
+  """Sync of one fragment (the whole tree without streaming): ``exchange``, then ``adopt``
+  at once (no overlap).  ``step`` is unchanged.  Metrics: ``exchange``'s plus
+  ``worker_opt_state_reset``, the ``[workers]`` mask of ``adopt``.
+  """
+  state, metrics = exchange(state, outer_tx, active, average, fragments, fragment_index, regroup)
+  state, reset = adopt(state, inner_tx, active, fragments, fragment_index, mixing)
   return state, dict(metrics, worker_opt_state_reset=reset)
 
 

@@ -50,20 +50,47 @@ def split_into_fragments(params: dict, num_fragments: int) -> tuple[tuple[str, .
 
 
 class SyncSchedule:
-  """Which fragments sync after inner step ``step`` (steps count from 1).
+  """Which fragments sync after inner step ``step`` (steps count from 1), and, when the exchange
+  overlaps the next ``overlap_steps`` inner steps, when it is issued and when it is adopted.
 
   With F fragments, fragment f syncs at the steps where (step - offset_f) % H == 0,
   offset_f = floor(H (f + 1) / F), as in the authors' code; F = 1 syncs every H steps.  The
   final step syncs every fragment, so the shared parameters include every inner step.
+
+  Overlap tau >= 1 (the authors' ``fragment_sync_delay``): a sync at step s exchanges the
+  workers' parameters as they are after step s, in the program of step s + 1 (beside its inner
+  step), and the workers adopt the result after step s + tau.  tau < H, so a fragment is adopted
+  before it is exchanged again.  At the final step exchanges still in flight are adopted and then
+  every fragment syncs at once.
   """
 
-  def __init__(self, sync_every: int, num_fragments: int = 1):
+  def __init__(self, sync_every: int, num_fragments: int = 1, overlap_steps: int = 0):
     if sync_every < 1:
       raise ValueError(f"diloco.sync_every={sync_every} must be >= 1")
-    self.sync_every = sync_every
+    if not 0 <= overlap_steps < sync_every:
+      raise ValueError(
+        f"diloco.overlap_steps={overlap_steps} must be in [0, diloco.sync_every={sync_every}): "
+        "a fragment's exchange must be adopted before its next sync"
+      )
+    self.sync_every, self.overlap_steps = sync_every, overlap_steps
     self.offsets = [sync_every * (f + 1) // num_fragments for f in range(num_fragments)]
 
   def due(self, step: int, final: bool = False) -> list[int]:
+    if step < 1:
+      return []
     return [
       f for f, offset in enumerate(self.offsets) if final or (step - offset) % self.sync_every == 0
     ]
+
+  def exchanged(self, step: int) -> list[int]:
+    """With overlap: the fragments whose exchange runs in the program of ``step``."""
+    return self.due(step - 1) if self.overlap_steps else []
+
+  def adopted(self, step: int) -> list[int]:
+    """With overlap: the fragments the workers adopt after ``step``."""
+    return self.due(step - self.overlap_steps) if self.overlap_steps else []
+
+  def in_flight(self, step: int) -> list[tuple[int, int]]:
+    """With overlap: ``(sync step, fragment)`` of the exchanges run by ``step`` and adopted only
+    after it."""
+    return [(s, f) for s in range(step - self.overlap_steps + 1, step) for f in self.due(s)]

@@ -183,10 +183,17 @@ class DiLoCo(_Layout):
     sync_every: H, inner steps between two syncs of a fragment.
     drops: ``(worker, start, end)`` triples: the worker is lost for steps ``[start, end)`` and
       misses the syncs in that window.
+    overlap_steps: tau, the authors' ``fragment_sync_delay`` (see ``fragments.SyncSchedule``):
+      0 syncs right after the sync step; tau >= 1 runs the exchange (``diloco.exchange``) in
+      the same compiled program as the next inner step, which does not depend on it, so XLA
+      may overlap its collectives with that step's compute, and the workers adopt the result
+      (``diloco.adopt``) tau steps after the sync step.  Must be < ``sync_every``.
+    mixing: alpha, the authors' ``fragment_update_alpha``: on adoption
+      ``theta_k <- (1 - alpha) theta + alpha theta_k``; 0 takes theta.
 
   Batches have leaves ``[K, B/K, ...]`` sharded ``P("worker", "fsdp")`` (``shard_batch`` makes
-  them from rows); the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step`` and
-  ``outer_sync`` donate the state.
+  them from rows); the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step``,
+  ``outer_sync`` and the overlapped step donate the state.
   """
 
   def __init__(
@@ -203,6 +210,8 @@ class DiLoCo(_Layout):
     fragments: "tuple[fragments_lib.Fragment, ...]" = (None,),
     sync_every: int = 30,
     drops: tuple = (),
+    overlap_steps: int = 0,
+    mixing: float = 0.0,
   ):
     if mesh is None:
       mesh = sharding.mesh_for_workers(num_workers, devices, fsdp)
@@ -217,7 +226,10 @@ class DiLoCo(_Layout):
     self.loss_fn, self.inner_tx, self.outer_tx = loss_fn, inner_tx, outer_tx
     self.num_workers, self.mesh, self.fragments = num_workers, mesh, tuple(fragments)
     self.average, self.drops = average or diloco.mean_average(), tuple(drops)
-    self.schedule = fragments_lib.SyncSchedule(sync_every, len(self.fragments))
+    self.schedule = fragments_lib.SyncSchedule(sync_every, len(self.fragments), overlap_steps)
+    if not 0.0 <= mixing <= 1.0:
+      raise ValueError(f"diloco.mixing={mixing} must be in [0, 1]")
+    self.mixing = float(mixing)
     # A mean: the workers' parameters move to the owners of the shared shards (an all-to-all)
     # and the average is local there.  A compressing averager encodes each worker's
     # pseudogradient where it is, and its packed payloads travel.
@@ -280,10 +292,9 @@ class DiLoCo(_Layout):
       target = fragments_lib.subtree(to_owners, fragments[fragment_index])
       return jax.lax.with_sharding_constraint(worker_params, target)
 
-    def outer(fragment_index, state, active):
-      state, metrics = diloco.outer_sync(
+    def exchange(fragment_index, state, active):
+      return diloco.exchange(
         state,
-        inner_tx,
         outer_tx,
         active,
         self.average,
@@ -291,8 +302,38 @@ class DiLoCo(_Layout):
         fragment_index,
         regroup=functools.partial(regroup, fragment_index) if self.regroup else None,
       )
+
+    def adopt(fragment_index, state, active):
+      return diloco.adopt(state, inner_tx, active, fragments, fragment_index, self.mixing)
+
+    def split_metrics(metrics):
       per_worker = {k: v for k, v in metrics.items() if k.startswith("worker_")}
-      return state, {k: v for k, v in metrics.items() if k not in per_worker}, per_worker
+      return {k: v for k, v in metrics.items() if k not in per_worker}, per_worker
+
+    def outer(fragment_index, state, active):
+      state, metrics = exchange(fragment_index, state, active)
+      state, reset = adopt(fragment_index, state, active)
+      return state, *split_metrics(dict(metrics, worker_opt_state_reset=reset))
+
+    def overlapped(exchanged, adopted, state, batch, exchange_active, adopt_active):
+      # The exchanges read the state as it was after the sync step; the inner step does not
+      # wait for them, and their results (shared parameters, outer and averager states, which
+      # no inner step reads) join its state before the adoptions.
+      synced, syncs = state, []
+      for f in exchanged:
+        synced, metrics = exchange(f, synced, exchange_active)
+        syncs.append(split_metrics(metrics))
+      state, losses = inner(state, batch)
+      state = state._replace(
+        params=synced.params,
+        outer_opt_state=synced.outer_opt_state,
+        average_state=synced.average_state,
+      )
+      reset = jnp.zeros((k,), bool)
+      for f in adopted:
+        state, adopted_reset = adopt(f, state, adopt_active)
+        reset |= adopted_reset
+      return state, losses, syncs, reset
 
     self._init = jax.jit(init, out_shardings=self.state_sharding)
     self._inner_step = jax.jit(
@@ -310,10 +351,32 @@ class DiLoCo(_Layout):
       )
       for f in range(len(fragments))
     )
+    self._adoptions = tuple(
+      jax.jit(
+        _on_mesh(mesh, functools.partial(adopt, f)),
+        donate_argnums=0,
+        in_shardings=(self.state_sharding, self.active_sharding),
+        out_shardings=(self.state_sharding, self.active_sharding),
+      )
+      for f in range(len(fragments))
+    )
+    self._overlapped = jax.jit(
+      _on_mesh(mesh, overlapped),
+      static_argnums=(0, 1),
+      donate_argnums=2,
+      in_shardings=(
+        self.state_sharding,
+        self.batch_sharding,
+        self.active_sharding,
+        self.active_sharding,
+      ),
+      out_shardings=(self.state_sharding, self.active_sharding, replicated, self.active_sharding),
+    )
 
   def programs(self, param_shapes: PyTree, global_batch: dict) -> dict:
-    """{name: (jitted function, abstract arguments)} of the inner step and the (first) outer
-    sync; ``global_batch``: ShapeDtypeStructs of ``[B, ...]`` rows."""
+    """{name: (jitted function, abstract arguments)} of the inner step, the (first) outer sync
+    and, with overlap, the inner step that runs fragment 0's exchange; ``global_batch``:
+    ShapeDtypeStructs of ``[B, ...]`` rows."""
     state = self.abstract_state(param_shapes)
     k = self.num_workers
     batch = _abstract(
@@ -324,10 +387,19 @@ class DiLoCo(_Layout):
       {n: self.batch_sharding for n in global_batch},
     )
     active = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self.active_sharding)
-    return {
+    programs = {
       "inner_step": (self._inner_step, (state, batch)),
       "outer_sync": (self._outer_syncs[0], (state, active)),
     }
+    if self.schedule.overlap_steps:
+      # The step after fragment 0's sync: its exchange beside the inner step (and, for tau = 1,
+      # the adoption after it).
+      adopted = (0,) if self.schedule.overlap_steps == 1 else ()
+      programs["overlapped_step"] = (
+        self._overlapped,
+        ((0,), adopted, state, batch, active, active),
+      )
+    return programs
 
   def shard_batch(self, batch: dict, global_batch_size: int | None = None) -> dict:
     """Rows ``[B, ...]`` -> ``[K, B/K, ...]`` on the mesh (worker k gets rows
@@ -394,25 +466,48 @@ class DiLoCo(_Layout):
         active[worker] = False
     return active
 
-  def train_step(self, state, batch, step: int, final: bool):
-    """The inner step, then the syncs due after it.  Per-worker ``[K]`` metrics stay on the
-    device; the loop averages them when it logs."""
-    state, inner = self.inner_step(state, batch)
-    metrics = {"train_loss": inner["loss"], "grad_norm": inner["grad_norm"]}
-    due = self.schedule.due(step, final)
-    active = self.active_workers(step) if self.drops and due else None
-    if active is not None and not active.all():
+  def _active(self, step: int, syncing=True, warn=True):
+    """The placed ``active`` mask of the workers at sync step ``step`` (everyone when not
+    ``syncing``); with ``warn``, logs the lost ones."""
+    active = self.active_workers(step) if syncing else np.ones(self.num_workers, bool)
+    if warn and not active.all():
       logging.warning(
         "Step %d: workers %s are lost and miss this sync; averaging over the %d survivors.",
         step,
         np.flatnonzero(~active).tolist(),
         active.sum(),
       )
-    syncs = []
-    for fragment in due:
-      state, sync_metrics = self.outer_sync(state, active, fragment)
-      syncs.append(dict(sync_metrics, worker_train_loss=inner["loss"]))
-    return state, metrics, syncs
+    return sharding.place_rows(active, self.active_sharding, active.shape)
+
+  def train_step(self, state, batch, step: int, final: bool):
+    """The inner step and the syncs of ``step`` (see ``fragments.SyncSchedule``): without
+    overlap, the inner step then the syncs due after it; with overlap, one program with the
+    inner step, the exchanges of the syncs at ``step - 1`` and the adoptions of those at
+    ``step - tau``.  Per-worker ``[K]`` metrics stay on the device; the loop averages them when
+    it logs."""
+    schedule, syncs = self.schedule, []
+    if schedule.overlap_steps:
+      exchanged, adopted = schedule.exchanged(step), schedule.adopted(step)
+      state, losses, exchanges, reset = self._overlapped(
+        tuple(exchanged),
+        tuple(adopted),
+        state,
+        batch,
+        self._active(step - 1, bool(exchanged)),
+        self._active(step - schedule.overlap_steps, bool(adopted), warn=False),
+      )
+      for scalars, per_worker in exchanges:
+        syncs.append({**scalars, **per_worker, "worker_opt_state_reset": reset})
+      if final:  # nothing may stay in flight: adopt what is, then sync every fragment at once
+        for sync_step, f in schedule.in_flight(step):
+          state, _ = self._adoptions[f](state, self._active(sync_step, warn=False))
+    else:
+      state, losses = self.inner_step(state, batch)
+    metrics = {"train_loss": losses["loss"], "grad_norm": losses["grad_norm"]}
+    for f in schedule.due(step, final) if final or not schedule.overlap_steps else []:
+      state, sync_metrics = self.outer_sync(state, self._active(step), f)
+      syncs.append(sync_metrics)
+    return state, metrics, [dict(m, worker_train_loss=losses["loss"]) for m in syncs]
 
   @staticmethod
   def params(state):

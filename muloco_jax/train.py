@@ -60,8 +60,14 @@ def make_loss_fn(model: model_lib.Transformer):
   """Mean next-token cross-entropy (nats per token) of a batch {inputs, targets}."""
 
   def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    logits = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
+    # The target's logit by a masked sum over the vocabulary, not a gather: elementwise along
+    # the vocabulary, it partitions like the logits.  (The TPU partitioner turns the gather of
+    # `softmax_cross_entropy_with_integer_labels` on worker-split batches into an all-to-all
+    # across workers.)
+    vocab = jnp.arange(logits.shape[-1])
+    target = jnp.sum(jnp.where(vocab == batch["targets"][..., None], logits, 0.0), axis=-1)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target)
 
   return loss_fn
 
@@ -185,6 +191,8 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes,
     ),
     sync_every=d.sync_every,
     drops=config_lib.drop_schedule(config),
+    overlap_steps=d.overlap_steps,
+    mixing=d.mixing,
   )
 
 

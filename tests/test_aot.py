@@ -76,6 +76,39 @@ def test_muloco_fits_and_syncs_across_workers():
     assert 0.9 * share < collectives[kind]["operand_bytes"] / params < 1.1 * share, kind
   assert collectives["all-reduce"]["operand_bytes"] < 0.01 * params  # counts, norms, gains
   assert "outer_sync: peak" in result.stdout and "all-to-all:" in result.stdout
+  # The inner step never crosses workers on TPU either (the loss picks target logits with a
+  # masked sum: the TPU partitioner made the gather it replaced an all-to-all across workers).
+  inner = summary["programs"]["inner_step"]["collectives"]
+  assert inner and all(c["cross_worker"] == 0 for c in inner.values()), inner
+
+
+def test_overlapped_exchange_runs_under_the_inner_steps_matmuls():
+  """K=2 on two v5p slices (a worker each), tau=1: the workers' exchange goes over the
+  data-centre network as async send/recv pairs; in the overlapped step the inner step's matrix
+  multiplies are scheduled between their starts and dones, in the plain outer sync none are.
+  The overlapped step sends what the outer sync sends, and its inner step nothing."""
+  result = _aot(
+    "muloco",
+    "v5p:2x2x1",
+    *TINY,
+    "--num_slices=2",
+    "--config.diloco.num_workers=2",
+    "--config.diloco.overlap_steps=1",
+  )
+  assert result.returncode == 0, result.stderr[-5000:]
+  programs = _summary(result)["programs"]
+  assert set(programs) == {"inner_step", "outer_sync", "overlapped_step"}
+  assert not any(k.startswith("dcn") for k in programs["inner_step"]["collectives"])
+  for kind in ("send", "recv"):
+    assert programs["overlapped_step"]["overlap"][kind]["with_matmuls"] >= 1
+    assert programs["outer_sync"]["overlap"][kind]["with_matmuls"] == 0
+  dcn = lambda name: sum(
+    c["operand_bytes"]
+    for kind, c in programs[name]["collectives"].items()
+    if kind.startswith("dcn")
+  )
+  assert dcn("overlapped_step") == dcn("outer_sync") > 0
+  assert "send start..done:" in result.stdout
 
 
 def test_data_parallel_fits():
