@@ -25,13 +25,6 @@ import jax
 from muloco_jax import compression, config as config_lib, diloco
 from muloco_jax import model as model_lib
 
-_SIZE = flags.DEFINE_string("size", "150m", "Model preset.")
-_WORKERS = flags.DEFINE_list("workers", ["2", "8", "16"], "Numbers of workers K.")
-_BITS = flags.DEFINE_list("bits", ["2", "4"], "Bits of the statistical quantizer.")
-_EXCLUDE = flags.DEFINE_enum(
-  "exclude", "vectors", list(config_lib.EXCLUDE_RULES), "Leaves sent in float32."
-)
-
 MIB = 2**20
 
 
@@ -57,10 +50,10 @@ def table(size: str, workers, bits, exclude: str) -> list[dict]:
 
 def main(argv):
   del argv
-  workers = [int(k) for k in _WORKERS.value]
-  bits = [int(b) for b in _BITS.value]
-  rows = table(_SIZE.value, workers, bits, _EXCLUDE.value)
-  print(f"{_SIZE.value}: MiB one worker sends per sync (exclude={_EXCLUDE.value})")
+  f = flags.FLAGS
+  workers, bits = [int(k) for k in f.workers], [int(b) for b in f.bits]
+  rows = table(f.size, workers, bits, f.exclude)
+  print(f"{f.size}: MiB one worker sends per sync (exclude={f.exclude})")
   header = (
     ["K", "float32 mean"]
     + [f"{b}-bit {c}" for b in bits for c in diloco.COLLECTIVES]
@@ -79,5 +72,9 @@ def main(argv):
     print(" | ".join(cells))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only here: tests import `table` beside other benchmarks
+  flags.DEFINE_string("size", "150m", "Model preset.")
+  flags.DEFINE_list("workers", ["2", "8", "16"], "Numbers of workers K.")
+  flags.DEFINE_list("bits", ["2", "4"], "Bits of the statistical quantizer.")
+  flags.DEFINE_enum("exclude", "vectors", list(config_lib.EXCLUDE_RULES), "Leaves sent in float32.")
   app.run(main)
