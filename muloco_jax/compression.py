@@ -83,8 +83,9 @@ stacked axes in front. The exclusion rules use the per-layer rank, so stacked no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -350,15 +351,65 @@ def _per_layer(fn: Callable, num_stacked: int) -> Callable:
   return fn
 
 
-def _plan(tree: Any, spec: CompressionSpec, exclude: ExcludeFn, stacked_axes):
-  """Flattened leaves with, per leaf: its spec, number of stacked axes and per-layer shape."""
+RowAxisFn = Callable[[tuple, Any], int]
+
+
+def flax_row_axis(
+  path: tuple, leaf: Any, *, stacked_axes: layout.StackedAxesFn = layout.stacked_axes
+) -> int:
+  """Default rule: the per-layer axis whose entries are the quantizers' rows.
+
+  A Flax kernel (a leaf named "kernel" of per-layer rank >= 2, ``(in, ..., out)``) has one row
+  per output unit, its last axis, as the authors' PyTorch weights ``(out, in)`` have theirs
+  first; every other leaf its first axis (the embedding ``(V, D)``: one row per token).
+  """
+  ndim = layout.layer_ndim(path, leaf, stacked_axes=stacked_axes)
+  names = layout.path_names(path)
+  return ndim - 1 if ndim >= 2 and names and names[-1] == "kernel" else 0
+
+
+class _Leaf(NamedTuple):
+  """How one leaf is compressed: its spec, stacked axes, per-layer shape and row axis."""
+
+  array: Any
+  spec: "CompressionSpec"
+  num_stacked: int
+  shape: tuple
+  axis: int
+
+  def rows(self, x):
+    """One layer with the row axis first (the view ``encode`` takes)."""
+    return jnp.moveaxis(x, self.axis, 0) if x.ndim else x
+
+  def unrows(self, y):
+    return jnp.moveaxis(y, 0, self.axis) if y.ndim else y
+
+  @property
+  def rows_shape(self) -> tuple:
+    shape = list(self.shape)
+    return tuple(shape[self.axis : self.axis + 1] + shape[: self.axis] + shape[self.axis + 1 :])
+
+  def per_layer(self, fn: Callable) -> Callable:
+    return _per_layer(fn, self.num_stacked)
+
+
+def _plan(tree: Any, spec: CompressionSpec, exclude: ExcludeFn, stacked_axes, row_axis):
+  """Flattened leaves, each a ``_Leaf``, and the treedef."""
   exclude = _bind(exclude, stacked_axes)
+  if row_axis is flax_row_axis:
+    row_axis = functools.partial(flax_row_axis, stacked_axes=stacked_axes)
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   plan = []
   for path, leaf in path_leaves:
     shape = layout.layer_shape(path, leaf, stacked_axes=stacked_axes)
     leaf_spec = NO_COMPRESSION if exclude(path, leaf) else spec
-    plan.append((leaf, leaf_spec, len(leaf.shape) - len(shape), shape))
+    axis = int(row_axis(path, leaf)) if shape else 0
+    if shape and not 0 <= axis < len(shape):
+      raise ValueError(
+        f"row_axis gives axis {axis} for {jax.tree_util.keystr(tuple(path))} of per-layer "
+        f"shape {shape}"
+      )
+    plan.append(_Leaf(leaf, leaf_spec, len(np.shape(leaf)) - len(shape), shape, axis))
   return plan, treedef
 
 
@@ -387,17 +438,19 @@ def compress_tree(
   exclude: ExcludeFn = exclude_vectors,
   *,
   stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  row_axis: RowAxisFn = flax_row_axis,
 ) -> Any:
   """Encodes every leaf; the result has ``tree``'s structure with a payload dict per leaf.
 
   A leaf with stacked layer axes is encoded per layer (payload arrays get the stacked axes in
-  front). Call it per worker (under ``jax.vmap`` / ``shard_map``), so that leaf shapes are
-  per worker.
+  front), with its ``row_axis`` first (``flax_row_axis``: a kernel's rows are its output
+  units).  Call it per worker (under ``jax.vmap`` / ``shard_map``), so that leaf shapes are per
+  worker.
   """
-  plan, treedef = _plan(tree, spec, exclude, stacked_axes)
+  plan, treedef = _plan(tree, spec, exclude, stacked_axes, row_axis)
   payloads = [
-    _per_layer(lambda x, s=leaf_spec: encode(x, s), num_stacked)(leaf)
-    for leaf, leaf_spec, num_stacked, _ in plan
+    leaf.per_layer(lambda x, leaf=leaf: encode(leaf.rows(x), leaf.spec))(leaf.array)
+    for leaf in plan
   ]
   return jax.tree_util.tree_unflatten(treedef, payloads)
 
@@ -409,15 +462,18 @@ def decompress_tree(
   exclude: ExcludeFn = exclude_vectors,
   *,
   stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  row_axis: RowAxisFn = flax_row_axis,
 ) -> Any:
   """Inverse of ``compress_tree``; ``like`` (arrays or ShapeDtypeStructs) gives shapes and
-  dtypes (and, through its paths, the stacked layer axes)."""
-  plan, treedef = _plan(like, spec, exclude, stacked_axes)
+  dtypes (and, through its paths, the stacked layer axes and row axes)."""
+  plan, treedef = _plan(like, spec, exclude, stacked_axes, row_axis)
+
+  def decoder(leaf):
+    return lambda p: leaf.unrows(decode(p, leaf.spec, leaf.rows_shape, leaf.array.dtype))
+
   decoded = [
-    _per_layer(lambda p, s=leaf_spec, shape=shape, x=x: decode(p, s, shape, x.dtype), num_stacked)(
-      payload
-    )
-    for (x, leaf_spec, num_stacked, shape), payload in zip(plan, treedef.flatten_up_to(payloads))
+    leaf.per_layer(decoder(leaf))(payload)
+    for leaf, payload in zip(plan, treedef.flatten_up_to(payloads))
   ]
   return jax.tree_util.tree_unflatten(treedef, decoded)
 
@@ -428,10 +484,11 @@ def roundtrip_tree(
   exclude: ExcludeFn = exclude_vectors,
   *,
   stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  row_axis: RowAxisFn = flax_row_axis,
 ) -> Any:
   """D(C(tree)): what the receivers reconstruct (also the authors' re-quantization after reduce)."""
-  payloads = compress_tree(tree, spec, exclude, stacked_axes=stacked_axes)
-  return decompress_tree(payloads, spec, tree, exclude, stacked_axes=stacked_axes)
+  rules = dict(stacked_axes=stacked_axes, row_axis=row_axis)
+  return decompress_tree(compress_tree(tree, spec, exclude, **rules), spec, tree, exclude, **rules)
 
 
 def tree_compressed_nbytes(
@@ -440,13 +497,15 @@ def tree_compressed_nbytes(
   exclude: ExcludeFn = exclude_vectors,
   *,
   stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  row_axis: RowAxisFn = flax_row_axis,
 ) -> int:
   """Closed-form bytes one worker sends for ``tree``: the sum over leaves and layers of
-  ``compressed_nbytes`` of the per-layer shape."""
-  plan, _ = _plan(tree, spec, exclude, stacked_axes)
+  ``compressed_nbytes`` of the per-layer shape, row axis first."""
+  plan, _ = _plan(tree, spec, exclude, stacked_axes, row_axis)
   return sum(
-    math.prod(leaf.shape[:num_stacked]) * compressed_nbytes(shape, leaf_spec)
-    for leaf, leaf_spec, num_stacked, shape in plan
+    math.prod(np.shape(leaf.array)[: leaf.num_stacked])
+    * compressed_nbytes(leaf.rows_shape, leaf.spec)
+    for leaf in plan
   )
 
 
@@ -458,43 +517,57 @@ def _split_layer(x: jax.Array, num_chunks: int) -> jax.Array:
 
 
 def split_rows(
-  tree: Any, num_chunks: int, *, stacked_axes: layout.StackedAxesFn = layout.stacked_axes
+  tree: Any,
+  num_chunks: int,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  row_axis: RowAxisFn = flax_row_axis,
 ) -> Any:
   """Every leaf cut into ``num_chunks`` blocks of whole rows, stacked on a new leading axis.
 
-  One layer's tensor of shape ``(R, ...)`` (a scalar counts as ``(1,)``) is zero padded to
-  ``num_chunks * ceil(R / num_chunks)`` rows; chunk j holds rows ``[j r, (j + 1) r)``,
-  ``r = ceil(R / num_chunks)``.  A stacked leaf ``(L, R, ...)`` gives ``(num_chunks, L, r, ...)``:
-  each chunk is again a tree of per-layer tensors with the same paths, so every tree function
-  of this module applies to it (``jax.vmap`` over the chunk axis).  Rows are the quantizers'
-  rows, so per-row statistics of a chunk are those of the whole tensor.  ``join_rows`` inverts.
+  One layer's tensor with R rows along its ``row_axis`` (a scalar counts as one) is zero padded
+  to ``num_chunks * ceil(R / num_chunks)`` rows; chunk j holds rows ``[j r, (j + 1) r)``,
+  ``r = ceil(R / num_chunks)``, and keeps the layer's axis order.  A stacked leaf ``(L, ...)``
+  gives ``(num_chunks, L, ...)``: each chunk is again a tree of per-layer tensors with the same
+  paths, so every tree function of this module applies to it (``jax.vmap`` over the chunk
+  axis), with the same rules.  Per-row statistics of a chunk are those of the whole tensor.
+  ``join_rows`` inverts.
   """
+  plan, treedef = _plan(tree, NO_COMPRESSION, exclude_vectors, stacked_axes, row_axis)
 
-  def split(path, x):
-    num_stacked = x.ndim - len(layout.layer_shape(path, x, stacked_axes=stacked_axes))
-    chunks = _per_layer(lambda y: _split_layer(y, num_chunks), num_stacked)(x)
-    return jnp.moveaxis(chunks, num_stacked, 0)
+  def split(leaf):
+    def one_layer(x):
+      chunks = _split_layer(leaf.rows(x), num_chunks)
+      return jax.vmap(leaf.unrows)(chunks) if x.ndim else chunks
 
-  return jax.tree_util.tree_map_with_path(split, tree)
+    return jnp.moveaxis(leaf.per_layer(one_layer)(leaf.array), leaf.num_stacked, 0)
+
+  return jax.tree_util.tree_unflatten(treedef, [split(leaf) for leaf in plan])
 
 
 def join_rows(
-  chunks: Any, like: Any, *, stacked_axes: layout.StackedAxesFn = layout.stacked_axes
+  chunks: Any,
+  like: Any,
+  *,
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  row_axis: RowAxisFn = flax_row_axis,
 ) -> Any:
   """Inverse of ``split_rows``: the chunks put back together, padding dropped; ``like``
   (arrays or ShapeDtypeStructs) gives the leaves' shapes."""
+  plan, treedef = _plan(like, NO_COMPRESSION, exclude_vectors, stacked_axes, row_axis)
 
-  def join(path, x, chunk):
-    shape = layout.layer_shape(path, x, stacked_axes=stacked_axes)
-    num_stacked = len(x.shape) - len(shape)
-    rows = max(math.prod(shape[:1]), 1)
+  def join(leaf, chunk):
+    rows = leaf.shape[leaf.axis] if leaf.shape else 1
 
-    def join_layer(y):
-      return y.reshape((-1,) + y.shape[2:])[:rows].reshape(shape)
+    def one_layer(y):
+      y = jax.vmap(leaf.rows)(y) if leaf.shape else y
+      return leaf.unrows(y.reshape((-1,) + y.shape[2:])[:rows].reshape(leaf.rows_shape))
 
-    return _per_layer(join_layer, num_stacked)(jnp.moveaxis(chunk, 0, num_stacked))
+    return leaf.per_layer(one_layer)(jnp.moveaxis(chunk, 0, leaf.num_stacked))
 
-  return jax.tree_util.tree_map_with_path(join, like, chunks)
+  return jax.tree_util.tree_unflatten(
+    treedef, [join(leaf, c) for leaf, c in zip(plan, treedef.flatten_up_to(chunks))]
+  )
 
 
 def relative_error(original: Any, decoded: Any) -> jax.Array:
@@ -513,9 +586,11 @@ def relative_compression_error(
   exclude: ExcludeFn = exclude_vectors,
   *,
   stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  row_axis: RowAxisFn = flax_row_axis,
 ) -> jax.Array:
   """||delta - D(C(delta))|| / ||delta|| over all leaves of the tree (0 for a zero tree)."""
-  return relative_error(tree, roundtrip_tree(tree, spec, exclude, stacked_axes=stacked_axes))
+  rules = dict(stacked_axes=stacked_axes, row_axis=row_axis)
+  return relative_error(tree, roundtrip_tree(tree, spec, exclude, **rules))
 
 
 # ----------------------------------------------------------------------------- error feedback
@@ -550,21 +625,28 @@ def error_feedback_tree(
   use_ef: bool = True,
   *,
   stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
+  row_axis: RowAxisFn = flax_row_axis,
 ) -> tuple[Any, Any]:
-  """``error_feedback_step`` on every leaf (per layer): returns (payload tree, new error tree).
+  """``error_feedback_step`` on every leaf (per layer, row axis first): returns (payload tree,
+  new error tree).
 
   Excluded leaves are sent exactly, so their error stays zero. Without ``use_ef`` the payloads
   are ``compress_tree(delta)`` and ``error`` is returned as it is (it may then be any
   placeholder, e.g. ``{}``).
   """
-  plan, treedef = _plan(delta, spec, exclude, stacked_axes)
+  plan, treedef = _plan(delta, spec, exclude, stacked_axes, row_axis)
   errors = treedef.flatten_up_to(error) if use_ef else [None] * len(plan)
-  out = [
-    _per_layer(lambda e, d, s=leaf_spec: error_feedback_step(e, d, s, beta, use_ef), num_stacked)(
-      e, leaf
-    )
-    for e, (leaf, leaf_spec, num_stacked, _) in zip(errors, plan)
-  ]
+
+  def step(leaf):
+    def one_layer(e, d):
+      payload, e = error_feedback_step(
+        None if e is None else leaf.rows(e), leaf.rows(d), leaf.spec, beta, use_ef
+      )
+      return payload, None if e is None else leaf.unrows(e)
+
+    return leaf.per_layer(one_layer)
+
+  out = [step(leaf)(e, leaf.array) for e, leaf in zip(errors, plan)]
   payloads = jax.tree_util.tree_unflatten(treedef, [payload for payload, _ in out])
   if not use_ef:
     return payloads, error

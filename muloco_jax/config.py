@@ -16,6 +16,7 @@ from muloco_jax import diloco
 
 OPTIMIZERS = ("adamw", "muon", "sgd")
 COMPRESSORS = compression.KINDS
+EF_SCALES = ("none", "outer_lr")
 EXCLUDE_RULES = {
   "vectors": compression.exclude_vectors,
   "vectors_embedding_head": compression.exclude_vectors_embedding_head,
@@ -58,8 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9  # AdamW (and the AdamW part of Muon)
   c.optimizer.b2 = 0.99
   c.optimizer.eps = 1e-8
-  c.optimizer.momentum = 0.95  # Muon momentum; SGD momentum
-  c.optimizer.nesterov = True
+  c.optimizer.momentum = 0.9  # Muon momentum (the paper's); SGD momentum
+  c.optimizer.nesterov = False  # the paper's Muon runs use none
   c.optimizer.ns_schedule = "muloco"  # classic | muloco | polar_express
   c.optimizer.ns_steps = 5
   c.optimizer.ns_method = "newton_schulz"  # newton_schulz | gram (Gram Newton-Schulz)
@@ -95,6 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.compression.topk_fraction = 0.05
   c.compression.error_feedback = True
   c.compression.error_decay = 0.9
+  # none: e <- decay e + delta; outer_lr: e <- decay e + outer_lr delta (the authors' code).
+  c.compression.error_feedback_scale = "none"
   c.compression.exclude = "vectors"  # vectors | vectors_embedding_head (the paper's runs)
   # How payloads cross workers: all_gather (each worker decodes all K) or reduce_scatter
   # (all-to-all of row chunks, owners average and re-quantize, all-gather).
@@ -189,6 +192,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   _check(
     c.exclude in EXCLUDE_RULES, "compression.exclude", c.exclude, f"is not one of {EXCLUDE_RULES}"
+  )
+  _check(
+    c.error_feedback_scale in EF_SCALES,
+    "compression.error_feedback_scale",
+    c.error_feedback_scale,
+    f"is not one of {EF_SCALES}",
   )
   _check(
     c.collective in diloco.COLLECTIVES,

@@ -242,12 +242,17 @@ def compressed_average(
   exclude: compression.ExcludeFn = compression.exclude_vectors,
   requantize_average: bool = False,
   requantize_error_feedback: bool = True,
+  error_feedback_scale: float = 1.0,
+  row_axis: compression.RowAxisFn = compression.flax_row_axis,
 ) -> Averager:
   """An averager that exchanges compressed pseudogradients (MuLoCo's 2-8 bit sync).
 
   Every worker k compresses what it sends, with error feedback (on by default):
-  ``e_k <- beta e_k + delta_k;  c_k = C(e_k);  e_k <- e_k - D(c_k)``; without it
-  ``c_k = C(delta_k)``.  A worker left out of the round keeps its buffer unchanged.  Then the
+  ``e_k <- beta e_k + s delta_k;  c_k = C(e_k);  e_k <- e_k - D(c_k)`` with
+  ``s = error_feedback_scale`` (1; the authors' outer optimizer uses the outer learning rate,
+  which then scales the pseudogradient a second time in the outer step); without it
+  ``c_k = C(delta_k)``.  A worker left out of the round keeps its buffer unchanged.  Quantizer
+  rows follow ``row_axis`` (``compression.flax_row_axis``: a kernel's output units).  Then the
   packed payloads (uint8 codes and side data, never decoded floats) cross the links, in one of
   two ``collective`` patterns:
 
@@ -294,7 +299,9 @@ def compressed_average(
     if error_feedback:
       state["worker_error"] = _stack(compression.init_error(params), num_workers)
     if owner_feedback:
-      chunks = jax.eval_shape(lambda p: compression.split_rows(p, num_workers), params)
+      chunks = jax.eval_shape(
+        lambda p: compression.split_rows(p, num_workers, row_axis=row_axis), params
+      )
       state["owner_error"] = compression.init_error(chunks)
     return state
 
@@ -304,31 +311,40 @@ def compressed_average(
     weights = contributes.astype(jnp.float32)
     like = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
     num_chunks = num_workers if scatter else 1
-    split = lambda tree: compression.split_rows(tree, num_chunks)
+    split = lambda tree: compression.split_rows(tree, num_chunks, row_axis=row_axis)
+    join = lambda chunks: compression.join_rows(chunks, like, row_axis=row_axis)
+    rules = dict(row_axis=row_axis)
     chunk_like = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), jax.eval_shape(split, like)
     )
     over_chunks = jax.vmap
 
     def decode_chunk(payload):
-      return compression.decompress_tree(payload, spec, chunk_like, exclude)
+      return compression.decompress_tree(payload, spec, chunk_like, exclude, **rules)
 
     def decode(chunk_payloads):
-      return compression.join_rows(over_chunks(decode_chunk)(chunk_payloads), like)
+      return join(over_chunks(decode_chunk)(chunk_payloads))
+
+    def compress(tree):
+      return compression.compress_tree(tree, spec, exclude, **rules)
+
+    def feedback(error, tree):
+      return compression.error_feedback_tree(error, tree, spec, error_decay, exclude, **rules)
 
     def encode(error, delta):  # one worker's chunks: (payloads, new error)
       if not error_feedback:
-        return over_chunks(lambda d: compression.compress_tree(d, spec, exclude))(split(delta)), {}
-      payloads, residual = over_chunks(
-        lambda e, d: compression.error_feedback_tree(e, d, spec, error_decay, exclude)
-      )(split(error), split(delta))
-      return payloads, compression.join_rows(residual, like)
+        return over_chunks(compress)(split(delta)), {}
+      scaled = jax.tree.map(lambda d: error_feedback_scale * d.astype(jnp.float32), delta)
+      payloads, residual = over_chunks(feedback)(split(error), split(scaled))
+      return payloads, join(residual)
 
     error = state.get("worker_error", {})
     # Pinned where each step happens, so that only the packed payloads cross workers.
     payloads, new_error = sharding.split_over_workers(jax.vmap(encode)(error, deltas))
     if error_feedback:
-      sent = jax.tree.map(lambda e, d: error_decay * e + d.astype(jnp.float32), error, deltas)
+      sent = jax.tree.map(
+        lambda e, d: error_decay * e + error_feedback_scale * d.astype(jnp.float32), error, deltas
+      )
       new_error = _select_workers(contributes, new_error, error)
     else:
       sent = deltas
@@ -340,18 +356,16 @@ def compressed_average(
       average = mean(sharding.split_over_workers(jax.vmap(over_chunks(decode_chunk))(at_owners), 1))
       if owner_feedback:
         owner_error = state["owner_error"]
-        owner_payloads, residual = over_chunks(
-          lambda r, a: compression.error_feedback_tree(r, a, spec, error_decay, exclude)
-        )(owner_error, average)
+        owner_payloads, residual = over_chunks(feedback)(owner_error, average)
         new_state["owner_error"] = _select(count > 0, residual, owner_error)
         owner_sent = jax.tree.map(lambda r, a: error_decay * r + a, owner_error, average)
       else:
-        owner_payloads = over_chunks(lambda a: compression.compress_tree(a, spec, exclude))(average)
+        owner_payloads = over_chunks(compress)(average)
         owner_sent = average
       owner_payloads = sharding.split_over_workers(owner_payloads)
       owner_decoded = over_chunks(decode_chunk)(owner_payloads)
       delta_chunks = over_chunks(decode_chunk)(sharding.gather_workers(owner_payloads))
-      delta = compression.join_rows(sharding.gather_workers(delta_chunks), like)
+      delta = join(sharding.gather_workers(delta_chunks))
       own = jax.vmap(decode)(payloads)
       chunk = compression.payload_nbytes(owner_payloads) / num_workers
       per_worker = (num_workers - 1) / num_workers * payload + (num_workers - 1) * chunk
@@ -360,7 +374,7 @@ def compressed_average(
       own = sharding.gather_workers(jax.vmap(decode)(sharding.gather_workers(payloads)))
       delta = mean(own)
       if requantize_average:
-        delta = compression.roundtrip_tree(delta, spec, exclude)
+        delta = compression.roundtrip_tree(delta, spec, exclude, **rules)
       per_worker = (num_workers - 1) * payload
     if error_feedback:
       new_state["worker_error"] = new_error
@@ -387,6 +401,7 @@ def compressed_sync_bytes(
   *,
   collective: str = "all_gather",
   exclude: compression.ExcludeFn = compression.exclude_vectors,
+  row_axis: compression.RowAxisFn = compression.flax_row_axis,
 ) -> dict:
   """Closed form of ``compressed_average``'s traffic for parameters of these shapes.
 
@@ -399,9 +414,9 @@ def compressed_sync_bytes(
   if collective not in COLLECTIVES:
     raise ValueError(f"compression.collective must be one of {COLLECTIVES}, got {collective!r}")
   chunks = num_workers if collective == "reduce_scatter" else 1
-  split = jax.eval_shape(lambda p: compression.split_rows(p, chunks), params)
+  split = jax.eval_shape(lambda p: compression.split_rows(p, chunks, row_axis=row_axis), params)
   one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], jnp.float32), split)
-  payload = chunks * compression.tree_compressed_nbytes(one_chunk, spec, exclude)
+  payload = chunks * compression.tree_compressed_nbytes(one_chunk, spec, exclude, row_axis=row_axis)
   k = num_workers
   per_worker = (k - 1) * payload if chunks == 1 else 2 * (k - 1) / k * payload
   return {"payload": payload, "per_worker": per_worker}

@@ -176,6 +176,7 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes,
       collective=c.collective,
       requantize_average=c.requantize_average,
       requantize_error_feedback=c.requantize_error_feedback,
+      error_feedback_scale=d.outer_lr if c.error_feedback_scale == "outer_lr" else 1.0,
     )
   return runtime.DiLoCo(
     loss_fn,

@@ -348,7 +348,8 @@ def pick_loss_key(runs: Mapping[str, Sequence[Mapping]], requested: str = "auto"
 # The report.
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
+  """Seconds as a short human figure (s, min, h or d); None: "never"."""
   if seconds is None:
     return "never"
   if seconds < 120:
@@ -472,7 +473,7 @@ def format_table(result: dict) -> str:
     ]
     for bw in result["bandwidths"]:
       key = f"{bw:g}"
-      row += [_duration(r["total_seconds"][key]), _duration(r["seconds_to_target"][key])]
+      row += [duration(r["total_seconds"][key]), duration(r["seconds_to_target"][key])]
     rows.append(row)
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

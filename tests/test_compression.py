@@ -266,10 +266,30 @@ def test_compress_tree_exclusion_rules():
     jax.tree_util.tree_map(np.testing.assert_array_equal, decoded[name], tree[name])
   norm = ("layer_0", "attn_norm", "scale")
   np.testing.assert_array_equal(decoded[norm[0]][norm[1]][norm[2]], tree[norm[0]][norm[1]][norm[2]])
+  # A kernel's rows are its output units (its last axis).
+  kernel = tree["layer_0"]["attn"]["wq"]["kernel"]
   np.testing.assert_allclose(
     decoded["layer_0"]["attn"]["wq"]["kernel"],
-    _encode_decode(tree["layer_0"]["attn"]["wq"]["kernel"], spec)[1],
+    np.moveaxis(_encode_decode(np.moveaxis(kernel, -1, 0), spec)[1], 0, -1),
   )
+
+
+@pytest.mark.parametrize("kind", ["statistical", "linear"])
+def test_dense_kernel_rows_are_output_units_and_the_rule_is_replaceable(kind):
+  """W (in, out): each of its out columns is quantized as one row, as the authors' (out, in)
+  weights are; the embedding (V, D) one row per token; a replaced rule takes the input axis."""
+  rng = _rng(11)
+  w = rng.standard_normal((48, 16)).astype(np.float32) * np.linspace(0.1, 3, 16, dtype=np.float32)
+  table = rng.standard_normal((40, 16)).astype(np.float32)
+  spec = C.CompressionSpec(kind, bits=2)
+  tree = {"dense": {"kernel": w}, "embed": {"embedding": table}}
+  got = C.roundtrip_tree(tree, spec, C.exclude_vectors)
+  np.testing.assert_allclose(got["dense"]["kernel"], _encode_decode(w.T, spec)[1].T, rtol=1e-6)
+  np.testing.assert_allclose(got["embed"]["embedding"], _encode_decode(table, spec)[1], rtol=1e-6)
+  rows_in = C.roundtrip_tree(tree, spec, C.exclude_vectors, row_axis=lambda path, leaf: 0)
+  np.testing.assert_allclose(rows_in["dense"]["kernel"], _encode_decode(w, spec)[1], rtol=1e-6)
+  # Byte counts follow the rule: 16 rows of 48 (one table each) against 48 rows of 16.
+  assert C.tree_compressed_nbytes({"k": {"kernel": w}}, spec) == C.compressed_nbytes((16, 48), spec)
 
 
 def test_payload_bytes_match_closed_form():

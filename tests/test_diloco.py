@@ -352,8 +352,10 @@ def test_8bit_compressed_diloco_tracks_uncompressed_and_counts_bytes():
   assert float(metrics[-1]["error_buffer_norm"]) > 0
 
 
-def test_error_feedback_buffers_hold_what_was_not_sent():
-  """After the first sync e_k = delta_k - D(C(delta_k)) and the average is of D(C(delta_k))."""
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_error_feedback_buffers_hold_what_was_not_sent(scale):
+  """After the first sync e_k = s delta_k - D(C(s delta_k)) and the average is of
+  D(C(s delta_k)); s = error_feedback_scale (the authors' code: the outer learning rate)."""
   inner, outer = optax.sgd(0.1), diloco.outer_optimizer(1.0, 0.0, False)
   params = make_stacked_params()
   spec = compression.CompressionSpec("linear", bits=2)
@@ -363,18 +365,20 @@ def test_error_feedback_buffers_hold_what_was_not_sent():
     outer,
     4,
     sharding.make_mesh(4, 1),
-    average=diloco.compressed_average(spec, error_decay=0.5),
+    average=diloco.compressed_average(spec, error_decay=0.5, error_feedback_scale=scale),
   )
   state = trainer.init(params)
   for h in range(2):
     state, _ = trainer.inner_step(state, trainer.shard_batch(make_batch(h, 16)))
   before = host(state)
   state, _ = trainer.outer_sync(state)
-  deltas = jax.tree.map(lambda t, w: t[None] - w, before.params, before.worker_params)
+  deltas = jax.tree.map(lambda t, w: scale * (t[None] - w), before.params, before.worker_params)
   sent = [compression.roundtrip_tree(jax.tree.map(lambda d: d[k], deltas), spec) for k in range(4)]
   for k in range(4):
     residual = jax.tree.map(lambda d, s: d[k] - s, deltas, sent[k])
-    assert_trees_close(jax.tree.map(lambda e: e[k], host(state.average_state["worker_error"])), residual, atol=1e-6)
+    assert_trees_close(
+      jax.tree.map(lambda e: e[k], host(state.average_state["worker_error"])), residual, atol=1e-6
+    )
   mean_sent = jax.tree.map(lambda *s: np.mean(s, axis=0), *sent)
   assert_trees_close(
     state.params, jax.tree.map(lambda t, d: t - d, before.params, mean_sent), atol=1e-6

@@ -99,6 +99,30 @@ def test_directional_correctness_smoke(tmp_path):
   assert all(-1.0 <= r["mean_matrix_cosine"] <= 1.0 for r in rows)
 
 
+@pytest.mark.slow
+def test_wallclock_runs_smoke(tmp_path):
+  # Two of the five runs keep it short: DP (bytes from --param_bytes) and a compressed
+  # reduce_scatter MuLoCo run (bytes rescaled from the logged payloads to the 150m preset).
+  out, _ = _run_script("wallclock_runs.py", tmp_path, "--cells=DP-Muon,MuLoCo-K8-2bit")
+  sweep = out / "wallclock"
+  for f in ("results.json", "table.md", "wallclock.png"):
+    assert (sweep / f).stat().st_size > 0, f
+  assert (sweep / "wallclock.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  result = json.loads((sweep / "results.json").read_text())
+  dp, muloco = result["runs"]
+  assert (dp["run"], dp["K"], muloco["run"], muloco["K"]) == ("DP-Muon", 0, "MuLoCo-K8-2bit", 8)
+  assert result["bandwidths"] == [1.25e8, 1.25e10]
+  bytes_ = result["modelled_bytes"]["MuLoCo-K8-2bit"]
+  assert bytes_["per_worker_bytes"] > 100 * bytes_["run_per_worker_bytes"]  # 150m vs tiny
+  assert muloco["bytes_per_worker_per_sync"] == bytes_["per_worker_bytes"]
+  assert dp["bytes_per_worker_per_sync"] == 2 * 7 / 8 * result["param_bytes"]
+  for bw in ("1.25e+08", "1.25e+10"):
+    assert muloco["total_seconds"][bw] < dp["total_seconds"][bw]
+  metrics = (sweep / "runs_150m" / "MuLoCo-K8-2bit" / "metrics.jsonl").read_text()
+  assert "logged_sync_bytes_per_worker" in metrics
+  assert "python -m muloco_jax.wallclock" in (sweep / "table.md").read_text()
+
+
 def _python3_kernel(tmp_path):
   """A kernel spec for this interpreter, so a fresh venv needs no `ipykernel install`."""
   spec_dir = tmp_path / "kernels" / "python3"

@@ -3,42 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from muloco_jax import aot, compression, diloco, optim, runtime, sharding
+from scanned_mlp import ScannedMLP
 
 D, H, V, L = 32, 64, 64, 2  # every dimension divisible by 8
 
 
-def make_params(seed=0):
-  """A scanned two-layer model: embedding, a stack of L MLP blocks, norm gain, head."""
-  rng = np.random.default_rng(seed)
-  normal = lambda *shape: (rng.normal(size=shape) / np.sqrt(shape[-2])).astype(np.float32)
-  return {
-    "embed": {"embedding": rng.normal(size=(V, D)).astype(np.float32)},
-    "layers": {"up": {"kernel": normal(L, D, H)}, "down": {"kernel": normal(L, H, D)}},
-    "norm": {"scale": np.ones(D, np.float32)},
-    "head": {"kernel": normal(D, V)},
-  }
-
-
-def loss_fn(params, batch):
-  x = params["embed"]["embedding"][batch["inputs"]]
-
-  def block(x, layer):
-    return x + jnp.tanh(x @ layer["up"]["kernel"]) @ layer["down"]["kernel"], None
-
-  x, _ = jax.lax.scan(block, x, params["layers"])
-  x = x * params["norm"]["scale"] / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
-  logits = x @ params["head"]["kernel"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-
-
-def batch_at(step, rows=16, seq=8):
-  rng = np.random.default_rng(100 + step)
-  tokens = rng.integers(0, V, size=(rows, seq + 1))
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+MODEL = ScannedMLP(vocab=V, width=D, hidden=H, layers=L)
+make_params, loss_fn, batch_at = MODEL.params, MODEL.loss, MODEL.batch
 
 
 MUON = optim.muon(0.02, shard_axis=sharding.FSDP_AXIS, param_specs=sharding.fsdp_specs)

@@ -6,6 +6,7 @@ a Muon step, an AdamW step and a compressed MuLoCo sync give the same parameters
 layouts, to float32 round-off.
 """
 
+import functools
 import dataclasses
 
 import jax
@@ -51,12 +52,17 @@ def problem():
   return params, stacked, grads, stacked_grads
 
 
-def _assert_same(unscanned, scanned, atol):
-  """``scanned`` equals ``unscanned`` converted to the scanned layout, leaf by leaf."""
+def _assert_same(unscanned, scanned, atol, flips=0.0, flip_size=0.0):
+  """``scanned`` equals ``unscanned`` converted to the scanned layout, leaf by leaf, except for
+  at most a ``flips`` fraction of each leaf's entries, off by at most ``flip_size``."""
   converted = layout.stack_layers(unscanned)
   assert jax.tree.structure(converted) == jax.tree.structure(scanned)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(converted), jax.tree.leaves(scanned)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=jax.tree_util.keystr(path))
+    a, b, name = np.asarray(a), np.asarray(b), jax.tree_util.keystr(path)
+    off = ~np.isclose(a, b, rtol=1e-5, atol=atol)
+    if not flips:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=name)
+    assert off.mean() <= flips and np.all(np.abs(a - b)[off] <= flip_size), name
 
 
 def _one_step(tx, params, grads):
@@ -109,11 +115,15 @@ def test_compressed_muloco_sync_is_the_same_in_both_layouts(problem):
 
   state, metrics = run(params, CONFIG)
   stacked_state, stacked_metrics = run(stacked, SCANNED)
-  _assert_same(state.params, stacked_state.params, atol=1e-5)
+  # The layouts' inner steps differ by float32 round-off, which moves a value across a 2-bit bin
+  # edge now and then (shifting that row's bin means a little): allow it in 1% of the entries,
+  # each off by well under a bin, nothing more.
+  flips = functools.partial(_assert_same, atol=1e-5, flips=1e-2, flip_size=2e-3)
+  flips(state.params, stacked_state.params)
   for k in range(num_workers):
     worker = lambda tree: jax.tree.map(lambda x: x[k], tree)
-    _assert_same(worker(state.average_state), worker(stacked_state.average_state), atol=1e-5)
-    _assert_same(worker(state.worker_params), worker(stacked_state.worker_params), atol=1e-5)
+    flips(worker(state.average_state), worker(stacked_state.average_state))
+    flips(worker(state.worker_params), worker(stacked_state.worker_params))
   # Per-layer payloads: the same bytes on the wire (one table scale per layer, per-layer rows).
   assert float(metrics["sync_bytes"]) == float(stacked_metrics["sync_bytes"])
   np.testing.assert_allclose(

@@ -344,6 +344,14 @@ def _set(config, dotted, value):
       "diloco.overlap_steps",
     ),
     ({"diloco.num_workers": 4, "diloco.mixing": 1.5}, "diloco.mixing"),
+    (
+      {
+        "diloco.num_workers": 4,
+        "compression.kind": "linear",
+        "compression.error_feedback_scale": "lr",
+      },
+      "compression.error_feedback_scale",
+    ),
     ({"diloco.num_workers": 0, "diloco.fsdp": 3}, "diloco.fsdp"),
   ],
 )
