@@ -201,9 +201,38 @@ def _encode_statistical(x2: jax.Array, spec: CompressionSpec) -> Payload:
   scale = RANGE_IN_SIGMAS * std / n_bins
   scale = jnp.where(jnp.isfinite(scale) & (scale != 0), scale, 1.0)
   codes = jnp.clip(jnp.round(centred / scale + half), 0, n_bins - 1).astype(jnp.int32)
-  rows = jnp.arange(n_rows)[:, None]
-  sums = jnp.zeros((n_rows, n_bins), jnp.float32).at[rows, codes].add(centred)
-  counts = jnp.zeros((n_rows, n_bins), jnp.float32).at[rows, codes].add(1.0)
+  bins = jnp.arange(n_bins)
+
+  def scattered(codes, centred):  # serialises on colliding updates on GPU/TPU
+    zeros, rows = jnp.zeros((n_rows, n_bins), jnp.float32), jnp.arange(n_rows)[:, None]
+    return zeros.at[rows, codes].add(centred), zeros.at[rows, codes].add(1.0)
+
+  def masked(codes, centred):  # one masked sum per bin, fused into one pass over each row
+    hit = codes[:, None, :] == bins[:, None]
+    sums = jnp.sum(jnp.where(hit, centred[:, None, :], 0.0), axis=2)
+    return sums, jnp.sum(hit, axis=2).astype(jnp.float32)
+
+  def sorted_runs(codes, centred):
+    # Each row sorted by code; a running sum that restarts at every new code (a segmented
+    # scan: a bin's sum carries only its own round-off), read at each bin's last entry.
+    codes, values = jax.lax.sort((codes, centred), dimension=1, num_keys=1)
+    starts = jnp.pad(codes[:, 1:] != codes[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+    restart_sum = lambda a, b: (a[0] | b[0], jnp.where(b[0], b[1], a[1] + b[1]))
+    _, running = jax.lax.associative_scan(restart_sum, (starts, values), axis=1)
+    upto = jax.vmap(lambda c: jnp.searchsorted(c, bins, side="right"))(codes)  # codes <= b
+    sums = jnp.take_along_axis(running, jnp.maximum(upto - 1, 0), axis=1)  # empty bins: unused
+    return sums, jnp.diff(upto, axis=1, prepend=0).astype(jnp.float32)
+
+  # Per-bin sums and counts of the centred values of each row.  A scatter-add into 2-256 bins
+  # collides on GPU/TPU: there, masked sums up to 16 bins and a sort for 256.  XLA:CPU runs the
+  # scatter as a plain loop, as fast as masked sums at 4 bins and faster beyond (at 2 bins
+  # masked sums take the encode down to 0.65-0.85x of its time).
+  sums, counts = jax.lax.platform_dependent(
+    codes,
+    centred,
+    cpu=masked if n_bins == 2 else scattered,
+    default=masked if n_bins <= 16 else sorted_runs,
+  )
   centres = (jnp.arange(n_bins, dtype=jnp.float32) - half) * scale
   table = mean + jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), centres)
   # One power of two per tensor brings the table into [-1, 1) before the narrow cast.
@@ -239,12 +268,22 @@ def _decode_linear(payload: Payload, spec: CompressionSpec, n_rows: int, n: int)
 
 def _encode_topk(x: jax.Array, spec: CompressionSpec) -> Payload:
   flat = jnp.ravel(x)
-  _, indices = jax.lax.top_k(jnp.abs(flat), _topk_k(flat.shape[0], spec.topk_fraction))
+  k = _topk_k(flat.shape[0], spec.topk_fraction)
+  # On TPU, whose sort-based top-k is slow, `approx_max_k` (arXiv 2206.14286, expected recall
+  # 0.95: an entry may give way to a slightly smaller one; error feedback carries it to the
+  # next round); elsewhere the exact `top_k`.
+  _, indices = jax.lax.platform_dependent(
+    jnp.abs(flat),
+    tpu=lambda a: jax.lax.approx_max_k(a, k),
+    default=lambda a: jax.lax.top_k(a, k),
+  )
   return {"values": flat[indices], "indices": indices.astype(jnp.int32)}
 
 
 def _decode_topk(payload: Payload, n: int) -> jax.Array:
-  return jnp.zeros((n,), jnp.float32).at[payload["indices"]].set(payload["values"])
+  # Top-k's indices are distinct: a scatter without collisions.
+  zeros = jnp.zeros((n,), jnp.float32)
+  return zeros.at[payload["indices"]].set(payload["values"], unique_indices=True)
 
 
 def encode(x: jax.Array, spec: CompressionSpec) -> Payload:

@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.ns_schedule = "muloco"  # classic | muloco | polar_express
   c.optimizer.ns_steps = 5
   c.optimizer.ns_method = "newton_schulz"  # newton_schulz | gram (Gram Newton-Schulz)
-  c.optimizer.ns_dtype = "bfloat16"  # Newton-Schulz compute dtype
+  c.optimizer.ns_dtype = "bfloat16"  # Newton-Schulz matmul operands (the rest is float32)
   c.optimizer.muon_scale = "spectral"  # spectral | moonlight | none
   c.optimizer.adam_learning_rate = 0.0  # Muon's AdamW part; 0: optimizer.learning_rate
 
@@ -151,6 +151,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config.optimizer.warmup_steps,
     f"must be in [0, train.num_steps={config.train.num_steps})",
   )
+  if config.optimizer.name == "muon":
+    from muloco_jax import optim  # imports optax; only Muon runs need it
+
+    opt = config.optimizer
+    _check(
+      opt.ns_method in optim.METHODS,
+      "optimizer.ns_method",
+      opt.ns_method,
+      f"is not one of {optim.METHODS}",
+    )
+    try:
+      optim.newton_schulz_coefficients(opt.ns_schedule, opt.ns_steps)
+    except ValueError as e:
+      raise ValueError(f"optimizer.ns_schedule={opt.ns_schedule!r}: {e}") from None
   d = config.diloco
   _check(d.num_workers >= 0, "diloco.num_workers", d.num_workers, "must be >= 0")
   _check(d.sync_every >= 1, "diloco.sync_every", d.sync_every, "(H) must be >= 1")

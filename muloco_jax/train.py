@@ -125,6 +125,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       adam_learning_rate=adam_lr,
       ns_coeffs=opt.ns_schedule,
       ns_steps=opt.ns_steps,
+      ns_method=opt.ns_method,
       compute_dtype=jnp.dtype(opt.ns_dtype),
       scale=opt.muon_scale,
       # Newton-Schulz spread over the devices sharding one worker (see `runtime`).

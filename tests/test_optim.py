@@ -36,7 +36,7 @@ def test_singular_values_in_band_random(schedule, band, shape):
   assert band[0] <= s.min() and s.max() <= band[1], (s.min(), s.max())
 
 
-@pytest.mark.parametrize("schedule", ["classic", "muloco"])
+@pytest.mark.parametrize("schedule", ["classic", "muloco", "polar_express"])
 def test_singular_values_follow_the_polynomial_ill_conditioned(schedule):
   rng = np.random.default_rng(1)
   s_in = np.logspace(0, -4, 40)  # condition number 1e4

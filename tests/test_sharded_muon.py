@@ -75,13 +75,15 @@ def _assert_close(actual, expected):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["newton_schulz", "gram"])
 @pytest.mark.parametrize("workers, fsdp", [(None, 8), (2, 4)])
-def test_sharded_scale_by_muon_equals_unsharded(workers, fsdp):
+def test_sharded_scale_by_muon_equals_unsharded(workers, fsdp, method):
   mesh = _mesh(workers or 1, fsdp)
   grads = _normal(SHAPES, (workers,) if workers else ())
-  tx = optim.scale_by_muon(ns_coeffs="muloco", shard_axis="fsdp", param_specs=SPECS)
+  kwargs = dict(ns_coeffs="muloco", ns_method=method)
+  tx = optim.scale_by_muon(shard_axis="fsdp", param_specs=SPECS, **kwargs)
   update, _ = _run(_sharded_step(tx, mesh, SPECS, workers), mesh, grads)
-  _assert_close(update, _reference(optim.scale_by_muon(ns_coeffs="muloco"), grads, workers))
+  _assert_close(update, _reference(optim.scale_by_muon(**kwargs), grads, workers))
 
 
 @pytest.mark.parametrize("specs_as", ["tree", "function"])
@@ -139,30 +141,34 @@ def test_update_leaves_come_out_as_their_param_specs(workers, fsdp):
     assert u.sharding.is_equivalent_to(expected, u.ndim), (u.sharding.spec, expected.spec)
 
 
-def _newton_schulz_flops_per_device(shapes, fsdp, steps=5):
+def _newton_schulz_flops_per_device(shapes, fsdp, method):
   """Each (fan_in, fan_out) group of N matrices padded to a multiple of fsdp: N / fsdp each."""
   counts = {}
   for shape in jax.tree.leaves(shapes, is_leaf=is_shape):
     counts[shape[-2:]] = counts.get(shape[-2:], 0) + math.prod(shape[:-2])
-  every = sum(n * optim.newton_schulz_flops(s, steps) for s, n in counts.items())
-  ours = sum(-(-n // fsdp) * optim.newton_schulz_flops(s, steps) for s, n in counts.items())
+  flops = lambda s: optim.newton_schulz_flops(s, 5, method=method)
+  every = sum(n * flops(s) for s, n in counts.items())
+  ours = sum(-(-n // fsdp) * flops(s) for s, n in counts.items())
   return ours, every
 
 
+@pytest.mark.parametrize("method", ["newton_schulz", "gram"])
 @pytest.mark.parametrize("workers, fsdp", [(None, 8), (2, 4)])
-def test_each_device_orthogonalizes_its_share(workers, fsdp):
+def test_each_device_orthogonalizes_its_share(workers, fsdp, method):
   """Per device, the sharded program's matmul flops are those of its ceil(N / F) matrices of
-  each shape (well under 2 / F of all of them), moved by all-to-alls, never gathered; the
-  per-leaf program on the same sharded inputs does more."""
+  each shape (well under 2 / F of all of them; with "gram", Gram Newton-Schulz's on the wide
+  and tall ones), moved by all-to-alls, never gathered; the per-leaf program on the same
+  sharded inputs does more."""
   mesh = _mesh(workers or 1, fsdp)
   grads = _normal(SHAPES, (workers,) if workers else ())
-  sharded = optim.scale_by_muon(shard_axis="fsdp", param_specs=SPECS)
+  sharded = optim.scale_by_muon(shard_axis="fsdp", param_specs=SPECS, ns_method=method)
+  per_leaf = optim.scale_by_muon(ns_method=method)
   _, compiled = _run(_sharded_step(sharded, mesh, SPECS, workers), mesh, grads)
-  _, per_leaf = _run(_sharded_step(optim.scale_by_muon(), mesh, SPECS, workers), mesh, grads)
+  _, per_leaf = _run(_sharded_step(per_leaf, mesh, SPECS, workers), mesh, grads)
   hlo = compiled.as_text()
   found = collectives(hlo)
   assert found.keys() == {"all-to-all"}, found
-  ours, every = _newton_schulz_flops_per_device(SHAPES, fsdp)
+  ours, every = _newton_schulz_flops_per_device(SHAPES, fsdp, method)
   assert dot_flops(hlo) == pytest.approx(ours, rel=1e-3)
   assert dot_flops(hlo) < 2 / fsdp * every
   assert dot_flops(hlo) < dot_flops(per_leaf.as_text())
