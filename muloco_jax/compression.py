@@ -30,7 +30,9 @@ Compressors (``CompressionSpec.kind``), with ``n_bins = 2**bits``, bits in {1, 2
 * ``"none"`` -- the tensor itself in float32.
 
 Both quantizers work per tensor or per row (``per_row=True``): the tensor is viewed as
-``(shape[0], -1)`` and every row gets its own statistics; a 0-D or 1-D tensor is one row.
+``(shape[0], -1)`` and every row gets its own statistics; a 0-D or 1-D tensor is one row.  The
+tree functions first move each leaf's row axis to the front (``flax_row_axis``: a Flax kernel's
+output units, the authors' rows; replaceable with ``row_axis=``).
 
 Payload format (a dict of arrays whose shapes depend only on (shape, spec), so payloads of
 K workers can be all-gathered along a leading axis and decoded with ``jax.vmap``)::
@@ -116,7 +118,8 @@ class CompressionSpec:
     kind: "none", "statistical", "linear" or "topk".
     bits: bits per code for the quantizers, one of 1, 2, 4, 8.
     per_row: quantizer statistics per row of the (shape[0], -1) view instead of per tensor
-      (of each layer's tensor for a stacked leaf, see the module docstring).
+      (of each layer's tensor for a stacked leaf, its row axis first in the tree functions;
+      see the module docstring).
     topk_fraction: fraction of entries top-k keeps, in (0, 1].
     table_dtype: storage of the statistical lookup table, "float16" (default, see the
       module docstring) or "float32" (the authors' precision).

@@ -214,6 +214,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f"is not one of {EF_SCALES}",
   )
   _check(
+    c.error_feedback or c.error_feedback_scale == "none",
+    "compression.error_feedback_scale",
+    c.error_feedback_scale,
+    "needs compression.error_feedback=True (it scales what enters the buffer)",
+  )
+  _check(
     c.collective in diloco.COLLECTIVES,
     "compression.collective",
     c.collective,

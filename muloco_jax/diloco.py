@@ -19,7 +19,8 @@ Layout.  The functions below work on a ``DiLoCoState`` whose per-worker leaves c
 worker axis of size K; ``inner_step`` is one worker's ``optimizer_step`` vmapped over that axis.
 They run as they are on one device, or jitted over a mesh (``muloco_jax.runtime.DiLoCo``), where
 XLA partitions them from the shardings (``muloco_jax.sharding``): inner steps never communicate
-across workers, and ``outer_sync`` is the only cross-worker exchange.
+across workers; the averager in ``exchange`` (the first half of ``outer_sync``) is the only
+cross-worker traffic.
 """
 
 from __future__ import annotations
@@ -290,6 +291,13 @@ def compressed_average(
     raise ValueError(
       "compression.requantize_average=True simulates a compressed reduce-scatter on top of "
       "compression.collective='all_gather'; 'reduce_scatter' re-quantizes the average itself"
+    )
+  if not (math.isfinite(error_feedback_scale) and error_feedback_scale > 0):
+    raise ValueError(f"error_feedback_scale={error_feedback_scale} must be finite and > 0")
+  if error_feedback_scale != 1.0 and not error_feedback:
+    raise ValueError(
+      "compression.error_feedback_scale scales what enters the error-feedback buffer; with "
+      "compression.error_feedback=False the pseudogradient is sent unscaled"
     )
   scatter = collective == "reduce_scatter"
   owner_feedback = scatter and requantize_error_feedback

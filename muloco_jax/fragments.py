@@ -54,14 +54,16 @@ class SyncSchedule:
   overlaps the next ``overlap_steps`` inner steps, when it is issued and when it is adopted.
 
   With F fragments, fragment f syncs at the steps where (step - offset_f) % H == 0,
-  offset_f = floor(H (f + 1) / F), as in the authors' code; F = 1 syncs every H steps.  The
-  final step syncs every fragment, so the shared parameters include every inner step.
+  offset_f = floor(H (f + 1) / F), as in the authors' code; F = 1 syncs every H steps.  Without
+  overlap the final step syncs every fragment, so the shared parameters include every inner
+  step.
 
   Overlap tau >= 1 (the authors' ``fragment_sync_delay``): a sync at step s exchanges the
   workers' parameters as they are after step s, in the program of step s + 1 (beside its inner
   step), and the workers adopt the result after step s + tau.  tau < H, so a fragment is adopted
-  before it is exchanged again.  At the final step exchanges still in flight are adopted and then
-  every fragment syncs at once.
+  before it is exchanged again.  At the final step exchanges still in flight are adopted, and
+  every fragment not adopted at that step syncs at once (the others' shared parameters hold
+  their inner steps up to their last exchange, not the ones after it).
   """
 
   def __init__(self, sync_every: int, num_fragments: int = 1, overlap_steps: int = 0):

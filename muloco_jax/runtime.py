@@ -165,7 +165,8 @@ class DiLoCo(_Layout):
   Each worker runs ``diloco.optimizer_step`` on its own batch; ``inner_step`` vmaps it over the
   leading worker axis (``spmd_axis_name="worker"``), so the per-worker layout is the worker axis
   prepended to one worker's FSDP sharding.  ``outer_sync`` averages the pseudogradients into
-  the shared parameters, which each worker row owns 1/W of (``sharding.owned_spec``).  The sync
+  the shared parameters, which each worker row owns 1/W of with the mean averager
+  (``sharding.owned_spec``) and keeps whole with a compressing one.  The sync
   schedule (which fragment syncs after which step, ``fragments.SyncSchedule``) and lost workers
   (``drops``) are decided here, in ``train_step``.
 
@@ -498,13 +499,20 @@ class DiLoCo(_Layout):
       )
       for scalars, per_worker in exchanges:
         syncs.append({**scalars, **per_worker, "worker_opt_state_reset": reset})
-      if final:  # nothing may stay in flight: adopt what is, then sync every fragment at once
-        for sync_step, f in schedule.in_flight(step):
-          state, _ = self._adoptions[f](state, self._active(sync_step, warn=False))
     else:
       state, losses = self.inner_step(state, batch)
+    final_syncs = schedule.due(step, final) if final or not schedule.overlap_steps else []
+    if final and schedule.overlap_steps:
+      # Nothing may stay in flight: adopt what is.  A fragment adopted at this step or now is
+      # already in theta as of its exchange; another sync would step the outer optimizer on a
+      # zero pseudogradient (its momentum alone would move theta), so only the others sync.
+      in_flight = schedule.in_flight(step)
+      for sync_step, f in in_flight:
+        state, _ = self._adoptions[f](state, self._active(sync_step, warn=False))
+      settled = {f for _, f in in_flight} | set(schedule.adopted(step))
+      final_syncs = [f for f in final_syncs if f not in settled]
     metrics = {"train_loss": losses["loss"], "grad_norm": losses["grad_norm"]}
-    for f in schedule.due(step, final) if final or not schedule.overlap_steps else []:
+    for f in final_syncs:
       state, sync_metrics = self.outer_sync(state, self._active(step), f)
       syncs.append(sync_metrics)
     return state, metrics, [dict(m, worker_train_loss=losses["loss"]) for m in syncs]

@@ -5,8 +5,9 @@ one: with K > W rows, K / W workers share a row, vmapped); inside a worker, ``fs
 the batch and every parameter, optimizer-state and error-feedback leaf (ZeRO-3: XLA gathers a
 layer's weights where the forward and backward passes need them and reduce-scatters gradients,
 from the shardings alone).  Per-worker shardings come from one rule, ``fsdp_spec``; DiLoCo
-prepends the worker axis to them (``per_worker``), and shards the shared parameters and the outer
-optimizer state over the worker axis too (``owned_spec``), so each worker row owns 1/W of them.
+prepends the worker axis to them (``per_worker``).  With the mean averager it shards the shared
+parameters and the outer optimizer state over the worker axis too (``owned_spec``), so each
+worker row owns 1/W of them; with a compressing one every worker row keeps them (FSDP inside).
 Data parallelism (K = 0) uses the same rule, with the ``worker`` axis as plain replicas.
 
 Everything here works from shapes (``jax.ShapeDtypeStruct``) as well as arrays, so programs can

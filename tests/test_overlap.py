@@ -22,7 +22,7 @@ def reference(tau, alpha, average=None):
   """The documented semantics, written out on one device with the pure functions: the sync at
   step s exchanges the parameters as they are after step s (beside inner step s + 1, which does
   not see it), the workers adopt it after step s + tau; the final step adopts what is in flight,
-  then syncs every fragment at once."""
+  then syncs every fragment it did not adopt at once."""
   state = diloco.init(make_params(), INNER, OUTER, K, FRAGMENTS, average)
   inner = jax.jit(lambda s, b: diloco.inner_step(s, b, loss_fn, INNER)[0])
   pending = []  # (adopt after step, fragment)
@@ -38,13 +38,14 @@ def reference(tau, alpha, average=None):
       outer_opt_state=shared.outer_opt_state,
       average_state=shared.average_state,
     )
-    final = step == STEPS
+    final, adopted = step == STEPS, set()
     for when, f in list(pending):
       if when == step or final:
         state, _ = diloco.adopt(state, INNER, None, FRAGMENTS, f, alpha)
         pending.remove((when, f))
+        adopted.add(f)
     for f in range(len(FRAGMENTS)):
-      if final or (not tau and step in sync_steps(f, step)):
+      if (final and f not in adopted) or (not tau and step in sync_steps(f, step)):
         state, _ = diloco.outer_sync(state, INNER, OUTER, None, average, FRAGMENTS, f, mixing=alpha)
   return host(state)
 

@@ -186,6 +186,8 @@ def test_bad_settings_are_named_before_compilation():
     diloco.compressed_average(spec, collective="ring")
   with pytest.raises(ValueError, match="compression.requantize_average"):
     diloco.compressed_average(spec, collective="reduce_scatter", requantize_average=True)
+  with pytest.raises(ValueError, match="compression.error_feedback_scale"):
+    diloco.compressed_average(spec, error_feedback=False, error_feedback_scale=0.8)
   config = config_lib.default_config()
   config.diloco.num_workers = 2
   config.compression.kind = "statistical"

@@ -274,7 +274,8 @@ def test_overlapped_resume_between_exchange_and_adoption_matches_uninterrupted_r
   train.train_and_evaluate(_overlap_config(data_dir), reference)
   records = {r["step"]: r for r in metrics_lib.read_metrics(reference)}
   # Sync records come with the program that ran the exchange, and with the final sync.
-  assert [s for s, r in records.items() if "pseudograd_norm" in r] == [5, 9, 10]
+  # (The final step adopts the sync of 8 and has nothing left to sync.)
+  assert [s for s, r in records.items() if "pseudograd_norm" in r] == [5, 9]
   _run_and_die_after(monkeypatch, _overlap_config(data_dir), workdir, step=6)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["5"]
   train.train_and_evaluate(_overlap_config(data_dir), workdir)
