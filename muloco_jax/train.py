@@ -198,6 +198,44 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes,
   )
 
 
+def sync_schedule(config: ml_collections.ConfigDict, final: bool) -> dict:
+  """What a checkpoint records of the sync schedule: with overlap, which exchanges are in flight
+  at a step follows from these settings (and the final step settles them all)."""
+  d = config.diloco
+  return {
+    "sync_every": d.sync_every,
+    "num_fragments": d.num_fragments,
+    "overlap_steps": d.overlap_steps,
+    "final": final,
+  }
+
+
+def check_resumable_schedule(saved: dict | None, config: ml_collections.ConfigDict, step: int):
+  """Raises a ValueError naming the setting when an overlapped run cannot resume from the
+  checkpoint of `step` (saved with the schedule `saved`; None: older checkpoints, no check).
+
+  Between an exchange and its adoption the shared parameters already hold the exchange while
+  the workers do not: resuming with another H, F or tau would adopt it at another step or never.
+  After the final step everything is settled, and the next step would exchange its sync again.
+  """
+  now = sync_schedule(config, final=False)
+  if saved is None or not (saved["overlap_steps"] or now["overlap_steps"]):
+    return
+  for key in ("sync_every", "num_fragments", "overlap_steps"):
+    if saved[key] != now[key]:
+      raise ValueError(
+        f"diloco.{key}={now[key]} differs from the {saved[key]} the checkpoint of step {step} was "
+        "saved with, and exchanges overlap inner steps (diloco.overlap_steps): set it back, or "
+        "start in another workdir"
+      )
+  if saved["final"] and step < config.train.num_steps:
+    raise ValueError(
+      f"train.num_steps={config.train.num_steps} extends a run that finished at step {step} "
+      "with diloco.overlap_steps > 0, whose final step settled every exchange: start in another "
+      "workdir"
+    )
+
+
 def fetch(tree):
   """Host copies of metric arrays, gathering those split across processes (per-worker ones)."""
 
@@ -353,6 +391,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except BaseException:
     checkpointer.close()
     raise
+  if restored is not None:
+    try:
+      check_resumable_schedule(restored[2].get("sync_schedule"), config, restored[0])
+    except ValueError:
+      checkpointer.close()
+      raise
   checkpointer.write_config(config)
   iterator = data.train_iterator(
     tc.batch_size, config.seed, jax.process_index(), jax.process_count()
@@ -444,7 +488,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointer.save(
           step,
           state,
-          {"data_iterator": data_state, "comm_bytes_total": comm_bytes_total},
+          {
+            "data_iterator": data_state,
+            "comm_bytes_total": comm_bytes_total,
+            "sync_schedule": sync_schedule(config, final=step == tc.num_steps),
+          },
           force=preempted,
         )
       if preempted:

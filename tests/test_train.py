@@ -278,9 +278,19 @@ def test_overlapped_resume_between_exchange_and_adoption_matches_uninterrupted_r
   assert [s for s, r in records.items() if "pseudograd_norm" in r] == [5, 9]
   _run_and_die_after(monkeypatch, _overlap_config(data_dir), workdir, step=6)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["5"]
+  # The exchange of the sync at 4 is in flight at 5: another tau would adopt it never.
+  records, config_json = _records(workdir), open(os.path.join(workdir, "config.json")).read()
+  with pytest.raises(ValueError, match=r"^diloco.overlap_steps=1 differs"):
+    train.train_and_evaluate(_overlap_config(data_dir, overlap_steps=1), workdir)
+  assert _records(workdir) == records
+  assert open(os.path.join(workdir, "config.json")).read() == config_json
   train.train_and_evaluate(_overlap_config(data_dir), workdir)
   assert _records(workdir) == _records(reference)
   _assert_same_state(workdir, reference, 10)
+  longer = _overlap_config(data_dir)
+  longer.train.num_steps = 12
+  with pytest.raises(ValueError, match=r"^train.num_steps=12 extends a run that finished"):
+    train.train_and_evaluate(longer, workdir)
 
 
 def test_overlap_of_one_step_learns_as_well(data_dir, tmp_path):
