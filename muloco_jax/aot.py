@@ -229,12 +229,22 @@ _INSTRUCTION = re.compile(
 )
 
 
-def _is_matmul(opcode: str, name: str, line: str) -> bool:
-  """A matrix multiply: a dot/convolution, or a fusion around one (the TPU compiler names those
-  ``convolution...``/``dot...`` fusions of kind kOutput)."""
-  return opcode in ("dot", "convolution") or (
+def _matmuls(opcode: str, name: str, line: str, per_computation: dict) -> int:
+  """Matrix multiplies an instruction runs: 1 for a dot/convolution, a fusion around one (the
+  TPU compiler names those ``convolution...``/``dot...`` fusions of kind kOutput) or a GEMM
+  custom-call (GPU); for a while loop, call or conditional, those of the computations it runs
+  (a loop body counted once), which the HLO text prints before their caller."""
+  if opcode in ("dot", "convolution") or (
     opcode == "fusion" and (name.startswith(("convolution", "dot")) or "kind=kOutput" in line)
-  )
+  ):
+    return 1
+  if opcode == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)', line, re.I):
+    return 1
+  if opcode in ("while", "call", "conditional"):
+    called = re.findall(r"(?:body|to_apply|branch_computations)=\{?([^,}]*)", line)
+    names = [n.strip().lstrip("%") for group in called for n in group.split(",")]
+    return sum(per_computation.get(n, 0) for n in names)
+  return 0
 
 
 def collectives(hlo: str, fsdp: int, dcn_crosses_workers: bool) -> dict:
@@ -250,19 +260,20 @@ def collectives(hlo: str, fsdp: int, dcn_crosses_workers: bool) -> dict:
   shapes, calls, pairs = {}, [], collections.Counter()
   overlap = collections.defaultdict(lambda: {"pairs": 0, "with_matmuls": 0, "matmuls_between": 0})
   started, matmuls = {}, 0  # async starts of the current computation: name -> matmuls before
+  per_computation, computation = {}, None
   for line in hlo.splitlines():
     if line.endswith("{") and not line.startswith(" "):  # a new computation
       started, matmuls = {}, 0
+      computation = re.findall(r"%?([\w.\-]+) ", line.removeprefix("ENTRY "))[:1]
+      computation = computation[0] if computation else None
     match = _INSTRUCTION.match(line)
     if not match:
       continue
     name, shape, opcode, operands = match.groups()
     shapes[name] = shape
-    if opcode.endswith("-start") or opcode in ("send", "recv"):
+    if (opcode.endswith("-start") and opcode != "copy-start") or opcode in ("send", "recv"):
       started[name] = matmuls
-    elif (
-      opcode.endswith("-done") or opcode in ("send-done", "recv-done")
-    ) and opcode != "copy-done":
+    elif opcode.endswith("-done") and opcode != "copy-done":
       start = re.findall(r"%([\w.\-]+)", operands)[:1]
       if start and start[0] in started:
         entry = overlap[opcode.removesuffix("-done")]
@@ -270,7 +281,8 @@ def collectives(hlo: str, fsdp: int, dcn_crosses_workers: bool) -> dict:
         entry["pairs"] += 1
         entry["with_matmuls"] += between > 0
         entry["matmuls_between"] += between
-    matmuls += _is_matmul(opcode, name, line)
+    matmuls += _matmuls(opcode, name, line, per_computation)
+    per_computation[computation] = matmuls
     if opcode.endswith("-start"):
       pairs[opcode.removesuffix("-start")] += 1
     dcn = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)

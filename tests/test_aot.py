@@ -82,7 +82,8 @@ def test_muloco_fits_and_syncs_across_workers():
   assert inner and all(c["cross_worker"] == 0 for c in inner.values()), inner
 
 
-def test_overlapped_exchange_runs_under_the_inner_steps_matmuls():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_overlapped_exchange_runs_under_the_inner_steps_matmuls(scan_layers):
   """K=2 on two v5p slices (a worker each), tau=1: the workers' exchange goes over the
   data-centre network as async send/recv pairs; in the overlapped step the inner step's matrix
   multiplies are scheduled between their starts and dones, in the plain outer sync none are.
@@ -94,6 +95,7 @@ def test_overlapped_exchange_runs_under_the_inner_steps_matmuls():
     "--num_slices=2",
     "--config.diloco.num_workers=2",
     "--config.diloco.overlap_steps=1",
+    f"--config.model.scan_layers={scan_layers}",  # scanned: the matmuls sit in a loop body
   )
   assert result.returncode == 0, result.stderr[-5000:]
   programs = _summary(result)["programs"]
