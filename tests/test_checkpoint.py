@@ -13,8 +13,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 from typing import NamedTuple
 
 import jax
@@ -25,8 +23,9 @@ import pytest
 from muloco_jax import checkpoint as checkpoint_lib
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import train
+import launcher
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = launcher.REPO
 RUN = {  # configs/quickstart.py, shrunk
   "train.num_steps": 20,
   "train.batch_size": 8,
@@ -49,17 +48,8 @@ def _overrides(data_dir, **changes) -> dict:
 
 def _launch(workdir, data_dir, **changes):
   """The launcher on 2 CPU devices; `changes` as model__size="small"."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   flags = [f"--config.{k}={v}" for k, v in _overrides(data_dir, **changes).items()]
-  command = [
-    sys.executable,
-    "-m",
-    "muloco_jax.main",
-    "--config=configs/quickstart.py",
-    f"--workdir={workdir}",
-    *flags,
-  ]
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return launcher.run(workdir, *flags)
 
 
 def _config(data_dir, **changes):

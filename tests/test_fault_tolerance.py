@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,8 +11,8 @@ import pytest
 from muloco_jax import config as config_lib
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import train
+import launcher
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
   "--config.model.size=tiny",
   "--config.data.tokenizer=byte",
@@ -31,19 +30,7 @@ OVERRIDES = [
 
 
 def _launch(workdir, data_dir):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  command = [
-    sys.executable,
-    "-m",
-    "muloco_jax.main",
-    "--config=configs/quickstart.py",
-    f"--workdir={workdir}",
-    f"--config.data.dir={data_dir}",
-    *OVERRIDES,
-  ]
-  return subprocess.Popen(
-    command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
+  return launcher.start(workdir, f"--config.data.dir={data_dir}", *OVERRIDES)
 
 
 def _finish(process, timeout=300):

@@ -2,31 +2,16 @@
 
 import os
 import re
-import subprocess
-import sys
 
 from muloco_jax import metrics as metrics_lib
+import launcher
 
 NUMBER = r"[0-9.]+(e[+-][0-9]+)?"  # "%.4g"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _launch(tmp_path, *overrides, devices=2):
-  env = dict(
-    os.environ,
-    MULOCO_DATA_DIR=str(tmp_path / "data"),
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-  )
-  command = [
-    sys.executable,
-    "-m",
-    "muloco_jax.main",
-    "--config=configs/quickstart.py",
-    f"--workdir={tmp_path / 'workdir'}",
-    *overrides,
-  ]
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  env = {"MULOCO_DATA_DIR": str(tmp_path / "data")}
+  return launcher.run(tmp_path / "workdir", *overrides, devices=devices, env=env)
 
 
 def test_quickstart_runs_end_to_end(tmp_path):

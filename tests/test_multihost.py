@@ -2,15 +2,13 @@
 
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from muloco_jax import metrics as metrics_lib
+import launcher
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
   "--config.data.tokenizer=byte",
   "--config.data.seq_len=32",
@@ -32,21 +30,8 @@ def _free_port():
 
 
 def _start(workdir, data_dir, devices, *flags):
-  env = dict(
-    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-  )
-  command = [
-    sys.executable,
-    "-m",
-    "muloco_jax.main",
-    "--config=configs/quickstart.py",
-    f"--workdir={workdir}",
-    f"--config.data.dir={data_dir}",
-    *OVERRIDES,
-    *flags,
-  ]
-  return subprocess.Popen(
-    command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  return launcher.start(
+    workdir, f"--config.data.dir={data_dir}", *OVERRIDES, *flags, devices=devices
   )
 
 
