@@ -26,10 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from muloco_jax import config as config_lib
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import model as model_lib
 from muloco_jax import train
+from tiny_run import tiny_config
 
 # Fields that depend on the invocation (wall clock; the state bytes of its first record).
 TIMING = ("step_time", "tokens_per_sec", "state_bytes_per_device")
@@ -67,28 +67,9 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("data"))  # kjv is built (byte tokens) by the first run
 
 
-def _dp_config(data_dir):
-  c = config_lib.default_config()
-  c.model.size = "tiny"
-  c.model.dtype = "float32"
-  c.data.dir = data_dir
-  c.data.tokenizer = "byte"
-  c.data.seq_len = 32
-  c.train.num_steps = 24
-  c.train.batch_size = 16
-  c.train.log_every = 2
-  c.train.eval_every = 8
-  c.train.eval_steps = 2
-  c.train.checkpoint_every = 8
-  c.train.keep_checkpoints = 2
-  c.train.progress_bar = False
-  c.optimizer.warmup_steps = 4
-  return c
-
-
 def _muloco_config(data_dir):
   """K=4 Muon workers, H=4, 10 steps: syncs at 4, 8 and the final step 10."""
-  c = _dp_config(data_dir)
+  c = tiny_config(data_dir)
   c.train.num_steps = 10
   c.train.log_every = 3  # sync steps 4 and 8 are not log steps
   c.train.eval_every = 5
@@ -144,7 +125,7 @@ def _assert_same_state(workdir, reference_workdir, step):
 @pytest.fixture(scope="module")
 def dp_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("dp"))
-  record = train.train_and_evaluate(_dp_config(data_dir), workdir)
+  record = train.train_and_evaluate(tiny_config(data_dir), workdir)
   return workdir, record
 
 
@@ -187,10 +168,10 @@ def test_dp_resume_after_preemption_matches_uninterrupted_run(
 ):
   reference, _ = dp_run
   workdir = str(tmp_path)
-  _run_and_die_after(monkeypatch, _dp_config(data_dir), workdir, step=14)
+  _run_and_die_after(monkeypatch, tiny_config(data_dir), workdir, step=14)
   assert metrics_lib.read_metrics(workdir)[-1]["step"] == 14  # logged past checkpoint 8
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8"]
-  train.train_and_evaluate(_dp_config(data_dir), workdir)
+  train.train_and_evaluate(tiny_config(data_dir), workdir)
   assert _records(workdir) == _records(reference)
   _assert_same_state(workdir, reference, 24)
   # Each invocation's first record holds the state bytes on the fullest device: params and two
@@ -211,7 +192,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(dp_run, data_dir, tmp_
       path = os.path.join(root, name)
       os.truncate(path, os.path.getsize(path) // 2)
   caplog.set_level(logging.INFO)
-  train.train_and_evaluate(_dp_config(data_dir), workdir)
+  train.train_and_evaluate(tiny_config(data_dir), workdir)
   assert "Checkpoint at step 24 could not be restored" in caplog.text
   assert "Resumed from the checkpoint at step 16" in caplog.text
   assert _records(workdir) == _records(reference)
@@ -369,7 +350,7 @@ def _set(config, dotted, value):
 def test_bad_setting_raises_before_compiling(
   overrides, setting, data_dir, tmp_path, no_compilation
 ):
-  config = _dp_config(data_dir)
+  config = tiny_config(data_dir)
   for dotted, value in overrides.items():
     _set(config, dotted, value)
   with pytest.raises(ValueError, match=rf"^{setting}="):
@@ -378,7 +359,7 @@ def test_bad_setting_raises_before_compiling(
 
 
 def test_missing_dataset_fails_at_once(tmp_path, no_compilation):
-  config = _dp_config(str(tmp_path / "empty"))
+  config = tiny_config(str(tmp_path / "empty"))
   config.data.name = "lm1b"
   with pytest.raises(ValueError, match="lm1b") as error:
     train.train_and_evaluate(config, str(tmp_path / "workdir"))

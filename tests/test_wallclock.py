@@ -10,10 +10,10 @@ import warnings
 import numpy as np
 import pytest
 
-from muloco_jax import config as config_lib
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import train
 from muloco_jax import wallclock
+from tiny_run import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -268,19 +268,11 @@ def test_cli_module_entry_point(tmp_path):
 def test_real_tiny_diloco_run(tmp_path, capsys):
   """K=2, H=2 MuLoCo-style DiLoCo for 6 steps; whichever bytes field train writes, the model
   charges one exchange per sync and, uncompressed, 2 (K-1)/K x the float32 parameters."""
-  c = config_lib.default_config()
-  c.model.size = "tiny"
-  c.model.dtype = "float32"
-  c.data.dir = str(tmp_path / "data")
-  c.data.tokenizer = "byte"
-  c.data.seq_len = 32
+  c = tiny_config(str(tmp_path / "data"))
   c.train.num_steps = 6
-  c.train.batch_size = 16
-  c.train.log_every = 2
   c.train.eval_every = 3
   c.train.eval_steps = 1
   c.train.checkpoint_every = 6
-  c.train.progress_bar = False
   c.optimizer.warmup_steps = 1
   c.diloco.num_workers = 2
   c.diloco.sync_every = 2
