@@ -374,6 +374,10 @@ def compressed_average(
       owner_decoded = over_chunks(decode_chunk)(owner_payloads)
       delta_chunks = over_chunks(decode_chunk)(sharding.gather_workers(owner_payloads))
       delta = join(sharding.gather_workers(delta_chunks))
+      # Each worker decodes its own payload (for compression_error).  This decode also anchors
+      # the workers' encode on their own rows: computing the error from the EF residual instead
+      # let XLA move the residual's arithmetic to the chunk owners and all-to-all float32 back
+      # (tests/test_reduce_scatter.py's compiled-traffic test catches it).
       own = jax.vmap(decode)(payloads)
       chunk = compression.payload_nbytes(owner_payloads) / num_workers
       per_worker = (num_workers - 1) / num_workers * payload + (num_workers - 1) * chunk
