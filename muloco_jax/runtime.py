@@ -231,6 +231,7 @@ class DiLoCo(_Layout):
     if not 0.0 <= mixing <= 1.0:
       raise ValueError(f"diloco.mixing={mixing} must be in [0, 1]")
     self.mixing = float(mixing)
+    self._everyone = None  # the placed all-active mask (`_active`)
     # A mean: the workers' parameters move to the owners of the shared shards (an all-to-all)
     # and the average is local there.  A compressing averager encodes each worker's
     # pseudogradient where it is, and its packed payloads travel.
@@ -478,7 +479,11 @@ class DiLoCo(_Layout):
         np.flatnonzero(~active).tolist(),
         active.sum(),
       )
-    return sharding.place_rows(active, self.active_sharding, active.shape)
+    if not active.all():
+      return sharding.place_rows(active, self.active_sharding, active.shape)
+    if self._everyone is None:  # placed once: the overlapped step passes a mask every step
+      self._everyone = sharding.place_rows(active, self.active_sharding, active.shape)
+    return self._everyone
 
   def train_step(self, state, batch, step: int, final: bool):
     """The inner step and the syncs of ``step`` (see ``fragments.SyncSchedule``): without
