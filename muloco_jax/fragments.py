@@ -84,6 +84,18 @@ class SyncSchedule:
       f for f, offset in enumerate(self.offsets) if final or (step - offset) % self.sync_every == 0
     ]
 
+  def synced_at_once(self, step: int, final: bool = False) -> list[int]:
+    """The fragments whose exchange and adoption both run right after ``step``: without overlap
+    those ``due``; with overlap none, but at the final step every fragment not adopted then
+    (``in_flight`` or ``adopted``): those hold their last exchange already, and another sync
+    would step the outer optimizer on a zero pseudogradient (momentum alone moving theta)."""
+    if not self.overlap_steps:
+      return self.due(step, final)
+    if not final:
+      return []
+    settled = {f for _, f in self.in_flight(step)} | set(self.adopted(step))
+    return [f for f in self.due(step, final) if f not in settled]
+
   def exchanged(self, step: int) -> list[int]:
     """With overlap: the fragments whose exchange runs in the program of ``step``."""
     return self.due(step - 1) if self.overlap_steps else []

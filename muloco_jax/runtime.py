@@ -504,20 +504,13 @@ class DiLoCo(_Layout):
       )
       for scalars, per_worker in exchanges:
         syncs.append({**scalars, **per_worker, "worker_opt_state_reset": reset})
+      if final:  # nothing may stay in flight: adopt what is
+        for sync_step, f in schedule.in_flight(step):
+          state, _ = self._adoptions[f](state, self._active(sync_step, warn=False))
     else:
       state, losses = self.inner_step(state, batch)
-    final_syncs = schedule.due(step, final) if final or not schedule.overlap_steps else []
-    if final and schedule.overlap_steps:
-      # Nothing may stay in flight: adopt what is.  A fragment adopted at this step or now is
-      # already in theta as of its exchange; another sync would step the outer optimizer on a
-      # zero pseudogradient (its momentum alone would move theta), so only the others sync.
-      in_flight = schedule.in_flight(step)
-      for sync_step, f in in_flight:
-        state, _ = self._adoptions[f](state, self._active(sync_step, warn=False))
-      settled = {f for _, f in in_flight} | set(schedule.adopted(step))
-      final_syncs = [f for f in final_syncs if f not in settled]
     metrics = {"train_loss": losses["loss"], "grad_norm": losses["grad_norm"]}
-    for f in final_syncs:
+    for f in schedule.synced_at_once(step, final):
       state, sync_metrics = self.outer_sync(state, self._active(step), f)
       syncs.append(sync_metrics)
     return state, metrics, [dict(m, worker_train_loss=losses["loss"]) for m in syncs]
