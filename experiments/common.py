@@ -1,9 +1,10 @@
-"""Shared driver of the small-scale reproduction sweeps (issue 6).
+"""Shared driver of the reproduction sweeps.
 
-Every sweep script (k_sweep.py, compression_sweep.py, directional_correctness.py) uses:
+Every sweep script (reproduce.py, directional_correctness.py, wallclock_runs.py) uses:
   * `define_flags()`       -- the flags they all take (--out, --runs, --smoke, ...);
   * `base_config(smoke)`   -- the CPU-sized run every cell starts from;
   * `cell_config(...)`     -- a cell's config: the base plus dotted overrides;
+  * `claim`/`release`      -- a lock per cell, so that several processes share a sweep;
   * `run_cell(...)`        -- trains one cell resumably and returns its summary
                               (skipped when the cell's result file exists);
   * `write_results(...)`   -- JSON + CSV + markdown table of a sweep;
@@ -32,13 +33,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results")
 DEFAULT_RUNS = os.environ.get("MULOCO_RUNS_DIR", "/tmp/muloco_runs")
 
-# The CPU-friendly scale of every sweep (see README.md for the measured cost).
+# The CPU-friendly scale of every sweep: 24 outer rounds of H=15 (see README.md for the cost).
 FULL = dict(
-  num_steps=180,
-  sync_every=30,
+  num_steps=360,
+  sync_every=15,
   warmup_steps=30,
-  eval_every=60,
-  log_every=10,
+  eval_every=120,
+  log_every=15,
   eval_steps=8,
   seq_len=64,
   batch_size=32,
@@ -65,7 +66,10 @@ OUTER_MOMENTUM = 0.9
 
 
 def define_flags() -> None:
-  """Flags shared by every sweep script (call once, at import of the script)."""
+  """Flags shared by every sweep script (at import of the script; a second call does nothing,
+  for scripts that import another's functions)."""
+  if "out" in flags.FLAGS:
+    return
   flags.DEFINE_string("out", DEFAULT_RESULTS, "Results root; the sweep writes OUT/<sweep>/.")
   flags.DEFINE_string("runs", DEFAULT_RUNS, "Root of the training workdirs (checkpoints).")
   flags.DEFINE_bool("smoke", False, "A few steps of every cell, one learning rate each.")
@@ -114,6 +118,9 @@ def base_config(smoke: bool = False):
   c.diloco.sync_every = s["sync_every"]
   c.diloco.outer_lr = OUTER_LR
   c.diloco.outer_momentum = OUTER_MOMENTUM
+  # The paper's weight decay rescaling, wd * (B / K) / R, with R = the global batch: data-parallel
+  # runs keep the base weight decay.
+  c.diloco.weight_decay_reference_batch = s["batch_size"]
   return c
 
 
@@ -181,11 +188,68 @@ def summarize(records: list[dict]) -> dict:
     "comm_bytes_total": syncs[-1]["comm_bytes_total"] if syncs else 0.0,
     "median_step_time": sorted(times)[len(times) // 2] if times else None,
   }
-  for key in ("worker_cosine_mean", "compression_error", "pseudograd_norm"):
+  for key in (
+    "worker_cosine_mean",
+    "compression_error",
+    "compression_norm_ratio",
+    "pseudograd_norm",
+  ):
     vals = [r[key] for r in syncs if key in r and r[key] is not None]
     if vals:
       out[f"mean_{key}"] = sum(vals) / len(vals)
   return out
+
+
+def claim(result_path: str) -> bool:
+  """Takes `result_path`.lock for this process; False while another live process holds it.
+
+  Lets several processes of one sweep share its cells.  A lock whose process died (a killed
+  sweep) is taken over, and its cell resumes from the checkpoint.
+  """
+  lock = result_path + ".lock"
+  while True:
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        with open(lock) as f:
+          pid = int(f.read().strip() or 0)
+      except (FileNotFoundError, ValueError):
+        pid = 0
+      if _alive(pid) if pid else _younger_than(lock, 60.0):  # no pid yet: being written
+        return False
+      try:
+        os.remove(lock)  # its process is gone
+      except FileNotFoundError:
+        pass
+      continue
+    with os.fdopen(fd, "w") as f:
+      f.write(str(os.getpid()))
+    return True
+
+
+def release(result_path: str) -> None:
+  try:
+    os.remove(result_path + ".lock")
+  except FileNotFoundError:
+    pass
+
+
+def _younger_than(path: str, seconds: float) -> bool:
+  try:
+    return time.time() - os.path.getmtime(path) < seconds
+  except FileNotFoundError:
+    return True  # released meanwhile: look again
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def run_cell(
@@ -229,9 +293,9 @@ def run_cell(
   config = cell_config(overrides, smoke)
   workdir = os.path.join(runs, ("smoke_" if smoke else "") + sweep, name)
   print(f"[{time.strftime('%H:%M:%S')}] {sweep}/{name} -> {workdir}", flush=True)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   train.train_and_evaluate(config, workdir)
-  wall = time.perf_counter() - start
+  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
   records = metrics_lib.read_metrics(workdir)
   if not records or records[-1]["step"] != config.train.num_steps:
     # e.g. a SIGTERM made train_and_evaluate checkpoint and return early: no result file, so
@@ -246,6 +310,7 @@ def run_cell(
     sweep=sweep,
     overrides=overrides,
     wall_seconds=wall,
+    cpu_seconds=cpu,  # this process's CPU time, all threads (a resumed cell: since the resume)
     smoke=smoke,
     tokens=config.train.num_steps * config.train.batch_size * config.data.seq_len,
     **(info or {}),

@@ -27,7 +27,7 @@ from experiments import common  # pylint: disable=g-import-not-at-top
 
 SWEEP = "directional"
 OPTIMIZERS = {"adamw": ("diloco", "AdamW (DiLoCo)"), "muon": ("muloco", "Muon (MuLoCo)")}
-LRS = {"adamw": 6e-3, "muon": 0.04}  # the k_sweep's best DP learning rates
+LRS = {"adamw": 6e-3, "muon": 0.04}  # reproduce.py passes its chosen DP learning rates
 
 common.define_flags()
 flags.DEFINE_list("ks", ["2", "4", "8", "16"], "Numbers of workers K compared with K=1.")
@@ -42,8 +42,11 @@ def _block(name: str) -> str:
   return name.split("/")[0]
 
 
-def measure(optimizer: str, warmup: int, ks, smoke: bool) -> dict:
-  """Per-leaf cosines between the K-worker and the K=1 averaged pseudogradients."""
+def measure(
+  optimizer: str, warmup: int, ks, smoke: bool, *, seed: int = 0, lr: float | None = None
+) -> dict:
+  """Per-leaf cosines between the K-worker and the K=1 averaged pseudogradients; `seed` sets
+  the initialisation and the data order, `lr` the inner learning rate (default LRS's)."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -53,7 +56,8 @@ def measure(optimizer: str, warmup: int, ks, smoke: bool) -> dict:
   from muloco_jax import train
 
   method, _ = OPTIMIZERS[optimizer]
-  config = common.cell_config(common.method_overrides(method, 1, LRS[optimizer]), smoke)
+  lr = LRS[optimizer] if lr is None else lr
+  config = common.cell_config(dict(common.method_overrides(method, 1, lr), seed=seed), smoke)
   s = common.scale(smoke)
   h, batch_size = s["sync_every"], s["batch_size"]
   config.train.num_steps = max(config.train.num_steps, warmup + h + 1)
@@ -98,6 +102,8 @@ def measure(optimizer: str, warmup: int, ks, smoke: bool) -> dict:
   out = {
     "optimizer": optimizer,
     "warmup": warmup,
+    "seed": seed,
+    "lr": lr,
     "H": h,
     "batch_size": batch_size,
     "leaves": names,

@@ -30,6 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "tiny"  # tiny, small, 150m, 416m, 914m, 1.76b, 3.1b, 15b
+  c.model.num_layers = 0  # 0: the size preset's; else that many blocks of the preset's width
   c.model.max_seq_len = 2048
   c.model.scan_layers = False
   c.model.remat = False
@@ -108,12 +109,20 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+  """The ``ModelConfig`` fields a run's config replaces in its size preset."""
+  return {"num_layers": config.model.num_layers} if config.model.num_layers else {}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad setting; called before compilation."""
   from muloco_jax import model as model_lib  # the model module imports flax; keep this module light
 
+  _check(config.model.num_layers >= 0, "model.num_layers", config.model.num_layers, "must be >= 0")
   try:
-    model_config = model_lib.model_config(config.model.size, max_seq_len=config.model.max_seq_len)
+    model_config = model_lib.model_config(
+      config.model.size, max_seq_len=config.model.max_seq_len, **model_overrides(config)
+    )
   except ValueError as e:
     raise ValueError(f"model.size={config.model.size!r}: {e}") from None
   _check(config.data.seq_len >= 1, "data.seq_len", config.data.seq_len, "must be >= 1")

@@ -282,6 +282,8 @@ def compressed_average(
   payloads; reduce_scatter (K-1)/K of its payload in the all-to-all plus K - 1 re-quantized
   chunks in the all-gather; ``compression_error`` = mean over contributing workers of
   ||x_k - D(C(x_k))|| / ||x_k|| for the compressed input x_k (e_k or delta_k);
+  ``compression_norm_ratio``, the same mean of ||D(C(x_k))|| / ||x_k|| (how much the compressor
+  alone shrinks the step);
   ``error_buffer_norm`` = mean over workers of ||e_k|| after the step; reduce_scatter adds
   ``average_compression_error``, the same ratio for the owners' second compression.
   """
@@ -393,17 +395,23 @@ def compressed_average(
     delta = sharding.like_one_worker(jax.tree.map(lambda x, d: x.astype(d.dtype), delta, like))
 
     rel_error = jax.vmap(compression.relative_error)(sent, own)
+    norm_ratio = jax.vmap(_norm_ratio)(own, sent)
     error_norm = jnp.sqrt(jax.vmap(_tree_dot)(new_error, new_error)) if error_feedback else 0.0
     metrics.update(
       num_contributing=count,
       sync_bytes=jnp.float32(num_workers * payload),
       sync_bytes_per_worker=jnp.float32(per_worker),
       compression_error=jnp.sum(jnp.where(contributes, rel_error, 0.0)) / divisor,
+      compression_norm_ratio=jnp.sum(jnp.where(contributes, norm_ratio, 0.0)) / divisor,
       error_buffer_norm=jnp.sum(error_norm) / num_workers,
     )
     return delta, new_state, metrics
 
   return Averager(init, update)
+
+
+def _norm_ratio(numerator: PyTree, denominator: PyTree) -> jax.Array:
+  return optax.tree.norm(numerator) / jnp.maximum(optax.tree.norm(denominator), 1e-30)
 
 
 def compressed_sync_bytes(

@@ -52,6 +52,7 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.
       scan_layers=config.model.scan_layers,
       remat=config.model.remat,
       dtype=jnp.dtype(config.model.dtype),
+      **config_lib.model_overrides(config),
     )
   )
 

@@ -7,6 +7,8 @@ import os
 import pytest
 
 from muloco_jax import config as config_lib
+from muloco_jax import model as model_lib
+from muloco_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
@@ -41,3 +43,16 @@ def test_paper_compression_is_the_authors_way(arg):
 def test_paper_config_names_a_bad_argument():
   with pytest.raises(ValueError, match="expected e.g. statistical2"):
     _load(os.path.join(REPO, "configs", "paper", "muloco.py")).get_config("topk")
+
+
+def test_model_num_layers_replaces_the_presets_depth():
+  config = config_lib.default_config()
+  config.diloco.num_workers, config.diloco.sync_every = 2, 8
+  config.diloco.num_fragments = 4
+  with pytest.raises(ValueError, match=r"diloco\.num_fragments"):
+    config_lib.validate(config)  # the tiny preset has 2 layers
+  config.model.num_layers = 4
+  config_lib.validate(config)
+  model = train.make_model(config, vocab_size=257)
+  assert model.config.num_layers == 4
+  assert model.config.d_model == model_lib.PRESETS["tiny"]["d_model"]

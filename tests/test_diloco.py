@@ -371,9 +371,12 @@ def test_error_feedback_buffers_hold_what_was_not_sent(scale):
   for h in range(2):
     state, _ = trainer.inner_step(state, trainer.shard_batch(make_batch(h, 16)))
   before = host(state)
-  state, _ = trainer.outer_sync(state)
+  state, metrics = trainer.outer_sync(state)
   deltas = jax.tree.map(lambda t, w: scale * (t[None] - w), before.params, before.worker_params)
   sent = [compression.roundtrip_tree(jax.tree.map(lambda d: d[k], deltas), spec) for k in range(4)]
+  norm = lambda tree: np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree)))
+  ratios = [norm(sent[k]) / norm(jax.tree.map(lambda d: d[k], deltas)) for k in range(4)]
+  np.testing.assert_allclose(metrics["compression_norm_ratio"], np.mean(ratios), rtol=1e-5)
   for k in range(4):
     residual = jax.tree.map(lambda d, s: d[k] - s, deltas, sent[k])
     assert_trees_close(

@@ -45,48 +45,35 @@ def _check_outputs(sweep_dir, pngs):
 
 
 @pytest.mark.slow
-def test_k_sweep_smoke(tmp_path):
-  out, proc = _run_script("k_sweep.py", tmp_path, "--ks=1,4", "--curve_k=4")
-  rows = _check_outputs(out / "k_sweep", ["loss_vs_k.png", "loss_curves_k4.png"])
-  cells = {(r["method"], r["K"]) for r in rows}
-  assert cells == {
-    ("dp_adamw", 0),
-    ("dp_muon", 0),
-    ("diloco", 1),
-    ("diloco", 4),
-    ("muloco", 1),
-    ("muloco", 4),
-  }
-  assert all(r["final_eval_loss"] > 0 for r in rows)
-  assert len(list((out / "k_sweep" / "cells").glob("*.json"))) == len(rows)
-  table = (out / "k_sweep" / "table.md").read_text()
-  assert "MuLoCo" in table and "K=4" in table
-  # Resumable: a second invocation trains nothing.
-  _, again = _run_script("k_sweep.py", tmp_path, "--ks=1,4", "--curve_k=4")
-  assert "done already, skipped" in again.stdout
-  assert "->" not in again.stdout
-
-
-@pytest.mark.slow
-def test_compression_sweep_smoke(tmp_path):
-  out, _ = _run_script(
-    "compression_sweep.py", tmp_path, "--compressors=statistical-2bit,linear-2bit"
-  )
-  rows = _check_outputs(out / "compression", ["loss_vs_bits.png"])
-  cells = {(r["method"], r["compressor"], r["error_feedback"]) for r in rows}
-  expected = {(m, "none", None) for m in ("muloco", "diloco")}
-  expected |= {
-    (m, c, ef)
-    for m in ("muloco", "diloco")
-    for c in ("statistical-2bit", "linear-2bit")
-    for ef in (True, False)
-  }
-  assert cells == expected
-  by = {(r["method"], r["compressor"], r["error_feedback"]): r for r in rows}
-  for m in ("muloco", "diloco"):
-    assert by[(m, "none", None)]["comm_bytes_total"] > 0
-    # 2-bit codes send far fewer bytes than fp32.
-    assert by[(m, "statistical-2bit", True)]["bits_per_param"] < 8
+def test_reproduce_smoke(tmp_path):
+  """Every stage on a few 8-step cells, two processes sharing the cells; then a rerun trains
+  nothing and the summary covers every finding."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out, runs = tmp_path / "results", tmp_path / "runs"
+  cmd = [sys.executable, os.path.join(EXPERIMENTS, "reproduce.py"), "--smoke", "--poll=1"]
+  cmd += [f"--out={out}", f"--runs={runs}"]
+  procs = [
+    subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(2)
+  ]
+  logs = [p.communicate(timeout=3000)[0].decode() for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  trained = [line.split(" -> ")[0] for log in logs for line in log.splitlines() if " -> " in line]
+  assert len(trained) == len(set(trained)) > 0  # no cell trained twice
+  summary = json.loads((out / "summary.json").read_text())
+  assert {f["n_seeds"] for f in summary} <= {0, 2}
+  texts = " ".join(f["finding"] for f in summary)
+  claims = ("DP Muon", "MuLoCo beats DiLoCo at K=2", "statistical 2-bit", "Error feedback")
+  for claim in claims + ("Streaming MuLoCo with F=2", "Muon's K=2"):
+    assert claim in texts, claim
+  for f in ("summary.md", "results.md", "loss_vs_k.png", "compression.png", "directional.png"):
+    assert (out / "reproduction" / f).stat().st_size > 0, f
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert " -> " not in again.stdout
+  assert json.loads((out / "summary.json").read_text()) == summary
 
 
 @pytest.mark.slow

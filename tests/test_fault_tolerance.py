@@ -118,6 +118,7 @@ def test_lost_workers_are_left_out_and_rejoin(tmp_path):
     ("compression.bits", 3),
     ("compression.kind", "zip"),
     ("diloco.num_fragments", 3),  # the tiny model has 2 layers
+    ("model.num_layers", -1),
     ("diloco.drop_workers", "7:1-2"),  # only 4 workers
     ("diloco.sync_every", 0),
     ("optimizer.name", "lion"),

@@ -1,0 +1,386 @@
+"""The reproduction that decides the paper's claims: tuned runs, 3 seeds, verdicts by a rule (issue 14).
+
+  python experiments/reproduce.py               # every stage (resumable), then the report
+  python experiments/reproduce.py & python experiments/reproduce.py   # two cell runners at once
+  python experiments/reproduce.py --report_only # summary.json, tables and plots from finished cells
+
+Stages, each a list of cells (one training run each) that depends only on finished earlier stages:
+  1. tune:        seed 0, inner-lr grid (x2 spacing, 3 points, extended while the best is at an
+                  edge) for DP AdamW, DP Muon, DiLoCo and MuLoCo at K in {1, 2, 4, 8}; outer
+                  Nesterov SGD (0.7, 0.6) at K=1 (the paper's), (0.7, 0.9) at K >= 2;
+  2. outer:       seed 0, K >= 2, at the best inner lr: outer (0.7, 0.6) and (1.0, 0.9) too;
+  3. seeds:       every chosen setting (best of stages 1-2 on seed 0) on seeds 1 and 2;
+  4. compression: MuLoCo K=8 at its chosen setting, the authors' way (row-wise statistics, error
+                  feedback decay 0.9 accumulating outer_lr x delta, embedding/head/gains in
+                  float32, the average re-quantized): statistical 2 and 4 bit, linear 2 bit per
+                  row and per tensor, top-k 2%, each with error feedback on and off, 3 seeds;
+  5. control:     uncompressed, outer lr x the norm ratio ||D(C(x))|| / ||x|| of each compressor
+                  without error feedback (seed 0's mean): step shrink without compression error;
+  6. streaming:   MuLoCo K=8 on a 4-layer model, F in {1, 2, 4} fragments, 3 seeds;
+  7. directional: cos(K-worker averaged pseudogradient, K=1 pseudogradient) for AdamW and Muon at
+                  their chosen DP learning rates, K in {2, 4, 8}, 3 seeds.
+Then `report`: experiments/results/summary.json (one entry per finding, verdict by the rule in
+`verdict`), experiments/results/reproduction/*.md and *.png, and the tables between the
+`<!-- summary:begin -->` / `<!-- summary:end -->` markers of README.md and experiments/README.md.
+
+Every run has the same token budget (360 steps x 32 sequences x 64 bytes).  A seed sets the
+initialisation and the data order, so cells of one seed are paired.  Several processes may run
+the script at once: each claims a cell with a lock file before training it and waits at the end
+of a stage for the others.  A killed cell resumes from its checkpoint on the next run.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import common  # pylint: disable=g-import-not-at-top
+from experiments import directional_correctness  # pylint: disable=g-import-not-at-top
+
+SWEEP = "reproduction"
+INNER = {"dp_adamw": "adamw", "diloco": "adamw", "dp_muon": "muon", "muloco": "muon"}
+OUTER_K1 = (0.7, 0.6)  # the paper's MuLoCo K=1 outer optimizer
+OUTER_DEFAULT = (0.7, 0.9)
+# (label, compression overrides); the authors' recipe is added by `compression_overrides`.
+COMPRESSORS = {
+  "stat4": {"compression.kind": "statistical", "compression.bits": 4},
+  "stat2": {"compression.kind": "statistical", "compression.bits": 2},
+  "linear2": {"compression.kind": "linear", "compression.bits": 2},
+  "linear2_tensor": {
+    "compression.kind": "linear",
+    "compression.bits": 2,
+    "compression.per_row": False,
+  },
+  "topk2": {"compression.kind": "topk", "compression.topk_fraction": 0.02},
+}
+CONTROL_MIN_SHRINK = 0.02  # a control only where the compressor shrinks the step by >= 2%
+DIRECTIONAL_WARMUP = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the sweep runs; compression and streaming run at the largest K."""
+
+  ks: tuple = (1, 2, 4, 8)
+  seeds: tuple = (0, 1, 2)
+  grids: tuple = (("adamw", (3e-3, 6e-3, 1.2e-2)), ("muon", (0.02, 0.04, 0.08)))
+  max_grid_points: int = 6
+  outer_grid: tuple = (OUTER_DEFAULT, (0.7, 0.6), (1.0, 0.9))
+  compressors: tuple = tuple(COMPRESSORS)
+  streaming_layers: int = 4
+  fragments: tuple = (1, 2, 4)
+  directional_ks: tuple = (2, 4, 8)
+
+
+# --smoke: every stage, on a few cells of a few steps.
+SMOKE_PLAN = Plan(
+  ks=(1, 2),
+  seeds=(0, 1),
+  grids=(("adamw", (3e-3,)), ("muon", (0.02,))),
+  max_grid_points=1,
+  outer_grid=(OUTER_DEFAULT, (0.7, 0.6)),
+  compressors=("stat2", "topk2"),
+  streaming_layers=2,
+  fragments=(1, 2),
+  directional_ks=(2,),
+)
+
+common.define_flags()
+flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
+flags.DEFINE_float("poll", 10.0, "Seconds between checks for cells another process is training.")
+
+
+def outer_of(k):
+  return OUTER_K1 if k == 1 else OUTER_DEFAULT
+
+
+def setting_overrides(method, k, lr, outer, seed):
+  """A (method, K, inner lr, outer (lr, momentum), seed) run."""
+  o = common.method_overrides(method, k, lr)
+  o["seed"] = seed
+  if k:
+    o["diloco.outer_lr"], o["diloco.outer_momentum"] = outer
+  return o
+
+
+def setting_name(method, k, lr, outer, seed, *extra):
+  parts = [method] + ([f"K{k}"] if k else []) + [f"lr{lr:g}"]
+  if k:
+    parts.append(f"outer{outer[0]:g}-{outer[1]:g}")
+  return common.cell_name(*parts, *extra, f"s{seed}")
+
+
+class Cells:
+  """Finished cells by name, and the runner that trains missing ones (several processes)."""
+
+  def __init__(self, smoke):
+    self.smoke = smoke
+    self.plan = SMOKE_PLAN if smoke else Plan()
+    self.dir = os.path.join(common.sweep_dir(SWEEP), "cells")
+
+  def path(self, name):
+    return os.path.join(self.dir, name + ".json")
+
+  def get(self, name):
+    p = self.path(name)
+    return common.load_json(p) if os.path.exists(p) else None
+
+  def run(self, cells):
+    """Trains the cells {name: (overrides, info)} not finished yet; returns {name: result}
+    once every one is finished (by this process or another), or the finished ones under
+    --report_only."""
+    fl = flags.FLAGS
+    while True:
+      pending = [n for n in cells if self.get(n) is None]
+      if not pending or fl.report_only:
+        break
+      for name in pending:
+        if self.get(name) is None and common.claim(self.path(name)):
+          try:
+            overrides, info = cells[name]
+            common.run_cell(SWEEP, name, overrides, smoke=self.smoke, info=info)
+          finally:
+            common.release(self.path(name))
+      if any(self.get(n) is None for n in cells):
+        time.sleep(fl.poll)  # cells another process is training
+    return {n: self.get(n) for n in cells if self.get(n) is not None}
+
+
+def loss(r):
+  return r["final_eval_loss"] if r is not None else None
+
+
+# ----------------------------------------------------------------------------
+# The stages.
+
+
+def methods_and_ks(plan):
+  return [("dp_adamw", 0), ("dp_muon", 0)] + [(m, k) for m in ("diloco", "muloco") for k in plan.ks]
+
+
+def tune(cells):
+  """Stage 1: the lr grid on seed 0, extended by x2 steps while the best is at an edge.
+  Returns {(method, K): [(lr, result), ...]}."""
+  plan = cells.plan
+  grids = {(m, k): list(dict(plan.grids)[INNER[m]]) for m, k in methods_and_ks(plan)}
+  while True:
+    todo = {}
+    for (m, k), grid in grids.items():
+      for lr in grid:
+        name = setting_name(m, k, lr, outer_of(k), 0)
+        todo[name] = (setting_overrides(m, k, lr, outer_of(k), 0), dict(method=m, K=k, lr=lr))
+    done = cells.run(todo)
+    grown = False
+    for (m, k), grid in grids.items():
+      losses = [loss(done.get(setting_name(m, k, lr, outer_of(k), 0))) for lr in grid]
+      if None in losses or len(grid) >= plan.max_grid_points:
+        continue
+      best = int(np.argmin(losses))
+      if best == len(grid) - 1:
+        grid.append(grid[-1] * 2)
+        grown = True
+      elif best == 0:
+        grid.insert(0, grid[0] / 2)
+        grown = True
+    if not grown or flags.FLAGS.report_only:
+      break
+  return {
+    key: [
+      (lr, done[setting_name(*key, lr, outer_of(key[1]), 0)])
+      for lr in grid
+      if setting_name(*key, lr, outer_of(key[1]), 0) in done
+    ]
+    for key, grid in grids.items()
+  }
+
+
+def choose(cells, tuned):
+  """Stages 2-3: the outer grid at K >= 2, then every chosen setting on every seed.
+  Returns {(method, K): {"lr", "outer", "seeds": {seed: result}, "grid": [...]}}."""
+  plan = cells.plan
+  best_lr = {key: min(rs, key=lambda t: loss(t[1]))[0] for key, rs in tuned.items() if rs}
+  todo = {}
+  for (m, k), lr in best_lr.items():
+    if k >= 2:
+      for outer in plan.outer_grid[1:]:
+        todo[setting_name(m, k, lr, outer, 0)] = (
+          setting_overrides(m, k, lr, outer, 0),
+          dict(method=m, K=k, lr=lr, outer_lr=outer[0], outer_momentum=outer[1]),
+        )
+  done = cells.run(todo)
+  chosen = {}
+  for (m, k), lr in best_lr.items():
+    candidates = [(lr_, outer_of(k), r) for lr_, r in tuned[(m, k)]]
+    if k >= 2:
+      candidates += [
+        (lr, o, done[setting_name(m, k, lr, o, 0)])
+        for o in plan.outer_grid[1:]
+        if setting_name(m, k, lr, o, 0) in done
+      ]
+    lr_, outer, _ = min(candidates, key=lambda c: loss(c[2]))
+    chosen[(m, k)] = dict(
+      lr=lr_,
+      outer=outer,
+      grid=[dict(lr=c[0], outer=list(c[1]), loss=loss(c[2])) for c in candidates],
+    )
+  todo = {}
+  for (m, k), c in chosen.items():
+    for seed in plan.seeds[1:]:
+      todo[setting_name(m, k, c["lr"], c["outer"], seed)] = (
+        setting_overrides(m, k, c["lr"], c["outer"], seed),
+        dict(method=m, K=k, lr=c["lr"], seed=seed),
+      )
+  cells.run(todo)
+  for (m, k), c in chosen.items():
+    c["seeds"] = {s: cells.get(setting_name(m, k, c["lr"], c["outer"], s)) for s in plan.seeds}
+  return chosen
+
+
+def compression_overrides(label, error_feedback):
+  o = dict(COMPRESSORS[label])
+  o.update(
+    {
+      "compression.error_feedback": error_feedback,
+      "compression.error_decay": 0.9,
+      "compression.error_feedback_scale": "outer_lr" if error_feedback else "none",
+      "compression.exclude": "vectors_embedding_head",
+      "compression.collective": "all_gather",
+      "compression.requantize_average": True,
+      "compression.table_dtype": "float32",
+    }
+  )
+  return o
+
+
+def compress(cells, chosen):
+  """Stage 4: {(label, error_feedback): {seed: result}} at MuLoCo's chosen setting, largest K."""
+  plan, k = cells.plan, max(cells.plan.ks)
+  c = chosen[("muloco", k)]
+  todo = {}
+  for label in plan.compressors:
+    for ef in (True, False):
+      for seed in plan.seeds:
+        o = setting_overrides("muloco", k, c["lr"], c["outer"], seed)
+        o.update(compression_overrides(label, ef))
+        name = setting_name("muloco", k, c["lr"], c["outer"], seed, label, "ef" if ef else "noef")
+        todo[name] = (o, dict(compressor=label, error_feedback=ef, seed=seed))
+  done = cells.run(todo)
+  out = {}
+  for name, r in done.items():
+    out.setdefault((r["compressor"], r["error_feedback"]), {})[r["seed"]] = r
+  return out
+
+
+def control(cells, chosen, compressed):
+  """Stage 5: {label: {"ratio", "seeds": {seed: result}}} for compressors that shrink the step."""
+  plan, k = cells.plan, max(cells.plan.ks)
+  c = chosen[("muloco", k)]
+  ratios = {}
+  for label in plan.compressors:
+    r = compressed.get((label, False), {}).get(0)
+    if r is not None and abs(1 - r["mean_compression_norm_ratio"]) >= CONTROL_MIN_SHRINK:
+      ratios[label] = round(r["mean_compression_norm_ratio"], 3)
+  todo = {}
+  for label, ratio in ratios.items():
+    outer = (round(c["outer"][0] * ratio, 4), c["outer"][1])
+    for seed in plan.seeds:
+      name = setting_name("muloco", k, c["lr"], outer, seed, "control", label)
+      todo[name] = (
+        setting_overrides("muloco", k, c["lr"], outer, seed),
+        dict(control_of=label, norm_ratio=ratio, seed=seed),
+      )
+  done = cells.run(todo)
+  out = {label: dict(ratio=ratio, seeds={}) for label, ratio in ratios.items()}
+  for r in done.values():
+    out[r["control_of"]]["seeds"][r["seed"]] = r
+  return out
+
+
+def streaming(cells, chosen):
+  """Stage 6: {F: {seed: result}}, MuLoCo at the largest K on a model of plan.streaming_layers
+  blocks."""
+  plan, k = cells.plan, max(cells.plan.ks)
+  c = chosen[("muloco", k)]
+  layers = plan.streaming_layers
+  todo = {}
+  for f in plan.fragments:
+    for seed in plan.seeds:
+      o = setting_overrides("muloco", k, c["lr"], c["outer"], seed)
+      o.update({"model.num_layers": layers, "diloco.num_fragments": f})
+      name = setting_name("muloco", k, c["lr"], c["outer"], seed, f"L{layers}", f"F{f}")
+      todo[name] = (o, dict(fragments=f, seed=seed))
+  out = {}
+  for r in cells.run(todo).values():
+    out.setdefault(r["fragments"], {})[r["seed"]] = r
+  return out
+
+
+def directional(cells, chosen):
+  """Stage 7: {(optimizer, seed): measurement} at the chosen DP learning rates."""
+  fl = flags.FLAGS
+  out = {}
+  for optimizer, method in (("adamw", "dp_adamw"), ("muon", "dp_muon")):
+    lr = chosen[(method, 0)]["lr"]
+    for seed in cells.plan.seeds:
+      name = common.cell_name("directional", optimizer, f"lr{lr:g}", f"s{seed}")
+      path = cells.path(name)
+      while not os.path.exists(path) and not fl.report_only:
+        if common.claim(path):
+          try:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            r = directional_correctness.measure(
+              optimizer,
+              DIRECTIONAL_WARMUP,
+              cells.plan.directional_ks,
+              cells.smoke,
+              seed=seed,
+              lr=lr,
+            )
+            r.update(
+              wall_seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start
+            )
+            common.save_json(path, r)
+          finally:
+            common.release(path)
+        else:
+          time.sleep(fl.poll)
+      if os.path.exists(path):
+        out[(optimizer, seed)] = common.load_json(path)
+  return out
+
+
+STAGES = ("tune", "outer", "seeds", "compression", "control", "streaming", "directional")
+
+
+def main(argv):
+  del argv
+  fl = flags.FLAGS
+  unknown = set(fl.stages) - set(STAGES)
+  if unknown:
+    raise app.UsageError(f"--stages: unknown {sorted(unknown)}; choose from {STAGES}")
+  common.setup_jax()
+  cells = Cells(fl.smoke)
+  wanted = lambda stage: not fl.stages or stage in fl.stages
+  runs = {}
+  tuned = tune(cells)
+  chosen = choose(cells, tuned) if all(tuned.values()) else {}
+  if chosen and wanted("compression"):
+    runs["compression"] = compress(cells, chosen)
+    if wanted("control"):
+      runs["control"] = control(cells, chosen, runs["compression"])
+  if chosen and wanted("streaming"):
+    runs["streaming"] = streaming(cells, chosen)
+  if chosen and wanted("directional"):
+    runs["directional"] = directional(cells, chosen)
+  from experiments import findings  # pylint: disable=g-import-not-at-top
+
+  findings.report(chosen, runs, smoke=fl.smoke)
+
+
+if __name__ == "__main__":
+  app.run(main)
