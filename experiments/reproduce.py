@@ -59,7 +59,6 @@ COMPRESSORS = {
   "topk2": {"compression.kind": "topk", "compression.topk_fraction": 0.02},
 }
 CONTROL_MIN_SHRINK = 0.02  # a control only where the compressor shrinks the step by >= 2%
-DIRECTIONAL_WARMUP = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +74,7 @@ class Plan:
   streaming_layers: int = 4
   fragments: tuple = (1, 2, 4)
   directional_ks: tuple = (2, 4, 8)
+  directional_warmup: int = 60  # data-parallel steps before the measured round
 
 
 # --smoke: every stage, on a few cells of a few steps.
@@ -88,6 +88,7 @@ SMOKE_PLAN = Plan(
   streaming_layers=2,
   fragments=(1, 2),
   directional_ks=(2,),
+  directional_warmup=2,
 )
 
 common.define_flags()
@@ -335,7 +336,7 @@ def directional(cells, chosen):
             start, cpu_start = time.perf_counter(), time.process_time()
             r = directional_correctness.measure(
               optimizer,
-              DIRECTIONAL_WARMUP,
+              cells.plan.directional_warmup,
               cells.plan.directional_ks,
               cells.smoke,
               seed=seed,
