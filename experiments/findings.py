@@ -176,6 +176,18 @@ def compression_findings(chosen, runs) -> list[dict]:
         f"[L({label} EF) - L(none)] - {pct} x L(none)",
       )
     )
+  out.append(
+    finding(
+      f"MuLoCo K={k} with 2-bit statistical + EF beats uncompressed DiLoCo K={k}",
+      "v1: MuLoCo 2-bit EF beats AdamW-DiLoCo, sending 8x fewer bytes",
+      paired(
+        lambda d, c: d - c,
+        seed_losses(chosen.get(("diloco", k), {}).get("seeds", {})),
+        lossy.get(("stat2", True), {}),
+      ),
+      f"L(DiLoCo K={k}, float32) - L(MuLoCo K={k}, stat2 EF)",
+    )
+  )
   for label in COMPRESSOR_LABELS:
     out.append(
       finding(

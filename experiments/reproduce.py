@@ -30,6 +30,7 @@ of a stage for the others.  A killed cell resumes from its checkpoint on the nex
 """
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -153,7 +154,9 @@ class Cells:
 
 
 def loss(r):
-  return r["final_eval_loss"] if r is not None else None
+  """A finished cell's final eval loss for choosing settings: a diverged run ranks last."""
+  value = r.get("final_eval_loss")
+  return value if value is not None and math.isfinite(value) else math.inf
 
 
 # ----------------------------------------------------------------------------
@@ -178,9 +181,10 @@ def tune(cells):
     done = cells.run(todo)
     grown = False
     for (m, k), grid in grids.items():
-      losses = [loss(done.get(setting_name(m, k, lr, outer_of(k), 0))) for lr in grid]
-      if None in losses or len(grid) >= plan.max_grid_points:
+      names = [setting_name(m, k, lr, outer_of(k), 0) for lr in grid]
+      if any(n not in done for n in names) or len(grid) >= plan.max_grid_points:
         continue
+      losses = [loss(done[n]) for n in names]
       best = int(np.argmin(losses))
       if best == len(grid) - 1:
         grid.append(grid[-1] * 2)
