@@ -70,7 +70,7 @@ class Plan:
   seeds: tuple = (0, 1, 2)
   grids: tuple = (("adamw", (3e-3, 6e-3, 1.2e-2)), ("muon", (0.02, 0.04, 0.08)))
   max_grid_points: int = 6
-  outer_grid: tuple = (OUTER_DEFAULT, (0.7, 0.6), (1.0, 0.9))
+  outer_grid: tuple = (OUTER_DEFAULT, (0.7, 0.6), (1.0, 0.9), (1.0, 0.6))
   compressors: tuple = tuple(COMPRESSORS)
   streaming_layers: int = 4
   fragments: tuple = (1, 2, 4)
@@ -205,33 +205,41 @@ def tune(cells):
 
 
 def choose(cells, tuned):
-  """Stages 2-3: the outer grid at K >= 2, then every chosen setting on every seed.
-  Returns {(method, K): {"lr", "outer", "seeds": {seed: result}, "grid": [...]}}."""
+  """Stages 2-3: the outer grid at K >= 2 at the best inner lr, the inner lr's neighbours (x1/2,
+  x2) again under the best outer setting where that changed, then every chosen setting on every
+  seed.  Returns {(method, K): {"lr", "outer", "seeds": {seed: result}, "grid": [...]}}."""
   plan = cells.plan
-  best_lr = {key: min(rs, key=lambda t: loss(t[1]))[0] for key, rs in tuned.items() if rs}
-  todo = {}
-  for (m, k), lr in best_lr.items():
-    if k >= 2:
-      for outer in plan.outer_grid[1:]:
-        todo[setting_name(m, k, lr, outer, 0)] = (
-          setting_overrides(m, k, lr, outer, 0),
-          dict(method=m, K=k, lr=lr, outer_lr=outer[0], outer_momentum=outer[1]),
-        )
-  done = cells.run(todo)
+  # Every seed-0 run of a (method, K): {(lr, outer): result}.
+  runs = {key: {(lr, outer_of(key[1])): r for lr, r in rs} for key, rs in tuned.items() if rs}
+
+  def train(settings):
+    todo = {
+      setting_name(m, k, lr, o, 0): (
+        setting_overrides(m, k, lr, o, 0),
+        dict(method=m, K=k, lr=lr, outer_lr=o[0], outer_momentum=o[1]),
+      )
+      for m, k, lr, o in settings
+    }
+    done = cells.run(todo)
+    for m, k, lr, o in settings:
+      if setting_name(m, k, lr, o, 0) in done:
+        runs[(m, k)][(lr, o)] = done[setting_name(m, k, lr, o, 0)]
+
+  best = lambda key: min(runs[key], key=lambda setting: loss(runs[key][setting]))
+  train([(m, k, best((m, k))[0], o) for m, k in runs if k >= 2 for o in plan.outer_grid[1:]])
+  refine = []
+  for m, k in runs:
+    lr, outer = best((m, k))
+    if outer != outer_of(k) and len(plan.outer_grid) > 1:
+      refine += [(m, k, x, outer) for x in (lr / 2, lr * 2) if (x, outer) not in runs[(m, k)]]
+  train(refine)
   chosen = {}
-  for (m, k), lr in best_lr.items():
-    candidates = [(lr_, outer_of(k), r) for lr_, r in tuned[(m, k)]]
-    if k >= 2:
-      candidates += [
-        (lr, o, done[setting_name(m, k, lr, o, 0)])
-        for o in plan.outer_grid[1:]
-        if setting_name(m, k, lr, o, 0) in done
-      ]
-    lr_, outer, _ = min(candidates, key=lambda c: loss(c[2]))
-    chosen[(m, k)] = dict(
-      lr=lr_,
+  for key, settings in runs.items():
+    lr, outer = best(key)
+    chosen[key] = dict(
+      lr=lr,
       outer=outer,
-      grid=[dict(lr=c[0], outer=list(c[1]), loss=loss(c[2])) for c in candidates],
+      grid=[dict(lr=x, outer=list(o), loss=loss(r)) for (x, o), r in sorted(settings.items())],
     )
   todo = {}
   for (m, k), c in chosen.items():
