@@ -205,9 +205,9 @@ def tune(cells):
 
 
 def choose(cells, tuned):
-  """Stages 2-3: the outer grid at K >= 2 at the best inner lr, the inner lr's neighbours (x1/2,
-  x2) again under the best outer setting where that changed, then every chosen setting on every
-  seed.  Returns {(method, K): {"lr", "outer", "seeds": {seed: result}, "grid": [...]}}."""
+  """Stages 2-3: the outer grid at K >= 2 at the best inner lr; where the best outer setting
+  changed, the inner lr's neighbours (x1/2, x2) under it until the best is bracketed; then every
+  chosen setting on every seed.  Returns {(method, K): {"lr", "outer", "seeds": {seed: result}, "grid": [...]}}."""
   plan = cells.plan
   # Every seed-0 run of a (method, K): {(lr, outer): result}.
   runs = {key: {(lr, outer_of(key[1])): r for lr, r in rs} for key, rs in tuned.items() if rs}
@@ -227,12 +227,15 @@ def choose(cells, tuned):
 
   best = lambda key: min(runs[key], key=lambda setting: loss(runs[key][setting]))
   train([(m, k, best((m, k))[0], o) for m, k in runs if k >= 2 for o in plan.outer_grid[1:]])
-  refine = []
-  for m, k in runs:
-    lr, outer = best((m, k))
-    if outer != outer_of(k) and len(plan.outer_grid) > 1:
-      refine += [(m, k, x, outer) for x in (lr / 2, lr * 2) if (x, outer) not in runs[(m, k)]]
-  train(refine)
+  for _ in range(plan.max_grid_points):  # until the best lr under the new outer is bracketed
+    refine = []
+    for m, k in runs:
+      lr, outer = best((m, k))
+      if outer != outer_of(k):
+        refine += [(m, k, x, outer) for x in (lr / 2, lr * 2) if (x, outer) not in runs[(m, k)]]
+    if not refine or flags.FLAGS.report_only:
+      break
+    train(refine)
   chosen = {}
   for key, settings in runs.items():
     lr, outer = best(key)
