@@ -192,7 +192,7 @@ def tune(cells):
       elif best == 0:
         grid.insert(0, grid[0] / 2)
         grown = True
-    if not grown or flags.FLAGS.report_only:
+    if not grown:  # (under --report_only it grows only onto finished cells)
       break
   return {
     key: [
@@ -233,7 +233,7 @@ def choose(cells, tuned):
       lr, outer = best((m, k))
       if outer != outer_of(k):
         refine += [(m, k, x, outer) for x in (lr / 2, lr * 2) if (x, outer) not in runs[(m, k)]]
-    if not refine or flags.FLAGS.report_only:
+    if not refine:
       break
     train(refine)
   chosen = {}
