@@ -374,17 +374,21 @@ def plot_lines(
   ylim=None,
   styles: dict | None = None,
 ) -> str:
-  """One figure of named lines: series = {label: (xs, ys)}; a small PNG at `path`."""
+  """One figure of named lines: series = {label: (xs, ys)} or {label: (xs, ys, yerr)} (error
+  bars); a small PNG at `path`."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  for label, (xs, ys) in series.items():
+  for label, (xs, ys, *yerr) in series.items():
     kw = dict(marker="o", markersize=3)
     kw.update((styles or {}).get(label, {}))
-    ax.plot(xs, ys, label=label, **kw)
+    if yerr:
+      ax.errorbar(xs, ys, yerr=yerr[0], label=label, capsize=3, **kw)
+    else:
+      ax.plot(xs, ys, label=label, **kw)
   if logx:
     ax.set_xscale("log", base=2)
   if xticks is not None:

@@ -138,13 +138,20 @@ def findings(chosen: dict, runs: dict) -> list[dict]:
   return out
 
 
+def compression_reference(chosen, runs):
+  """(K, {seed: loss} of uncompressed MuLoCo at that K) of the compression stage (run at the
+  largest K), or None before it ran."""
+  k = max((k for m, k in chosen if m == "muloco"), default=None)
+  if not runs.get("compression") or k is None:
+    return None
+  return k, seed_losses(chosen[("muloco", k)]["seeds"])
+
+
 def compression_findings(chosen, runs) -> list[dict]:
-  comp = runs.get("compression", {})
-  key = next((k for k in chosen if k[0] == "muloco" and k[1] == max(k[1] for k in chosen)), None)
-  if not comp or key is None:
+  if compression_reference(chosen, runs) is None:
     return []
-  none = seed_losses(chosen[key]["seeds"])
-  k = key[1]
+  k, none = compression_reference(chosen, runs)
+  comp = runs["compression"]
   lossy = {c: seed_losses(r) for c, r in comp.items()}
   out = []
   pct = f"{100 * MARGIN:g}%"
@@ -315,11 +322,10 @@ def settings_table(chosen) -> list[str]:
 
 
 def compression_table(chosen, runs) -> list[str]:
-  comp = runs.get("compression", {})
-  key = next((k for k in chosen if k[0] == "muloco" and k[1] == max(k[1] for k in chosen)), None)
-  if not comp or key is None:
+  if compression_reference(chosen, runs) is None:
     return []
-  none = seed_losses(chosen[key]["seeds"])
+  k, none = compression_reference(chosen, runs)
+  comp = runs["compression"]
   lines = [
     "| compressor | EF | loss | loss - uncompressed (paired) | bits/param | rel. error "
     "| norm ratio |",
@@ -333,7 +339,7 @@ def compression_table(chosen, runs) -> list[str]:
         continue
       diffs = paired(lambda n, c: c - n, none, seed_losses(rs))
       any_r = next(iter(rs.values()))
-      ref = next(iter(chosen[key]["seeds"].values()), None)
+      ref = next((r for r in chosen[("muloco", k)]["seeds"].values() if r), None)
       bits = 32 * any_r["comm_bytes_total"] / ref["comm_bytes_total"] if ref else math.nan
       err = np.mean([r.get("mean_compression_error", math.nan) for r in rs.values()])
       ratio = np.mean([r.get("mean_compression_norm_ratio", math.nan) for r in rs.values()])
@@ -380,34 +386,18 @@ def directional_table(directional) -> list[str]:
   return lines
 
 
-def plot_errorbars(path, series, *, title, xlabel, ylabel, xticks, logx=True):
+def plot_errorbars(path, series, *, title, xlabel, ylabel, xticks):
   """series = {label: (xs, [per-x list of per-seed values])}: mean with +-std bars."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for i, (label, (xs, values)) in enumerate(series.items()):
+  points = {}
+  for label, (xs, values) in series.items():
     pts = [
       (x, np.mean(v), np.std(v, ddof=1) if len(v) > 1 else 0.0) for x, v in zip(xs, values) if v
     ]
-    if not pts:
-      continue
-    x, m, s = zip(*pts)
-    ax.errorbar(x, m, yerr=s, label=label, marker="o", markersize=3, capsize=3, color=f"C{i}")
-  if logx:
-    ax.set_xscale("log", base=2)
-  ax.set_xticks(list(xticks))
-  ax.set_xticklabels([str(x) for x in xticks])
-  ax.set_title(title, fontsize=10)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+    if pts:
+      points[label] = tuple(list(c) for c in zip(*pts))
+  common.plot_lines(
+    path, points, title=title, xlabel=xlabel, ylabel=ylabel, logx=True, xticks=xticks
+  )
 
 
 def plot_compression(path, chosen, runs):
@@ -416,9 +406,8 @@ def plot_compression(path, chosen, runs):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  comp = runs.get("compression", {})
-  key = next((k for k in chosen if k[0] == "muloco" and k[1] == max(k[1] for k in chosen)), None)
-  none = seed_losses(chosen[key]["seeds"])
+  k, none = compression_reference(chosen, runs)
+  comp = runs["compression"]
   fig, ax = plt.subplots(figsize=(7, 4))
   labels = list(COMPRESSOR_LABELS)
   for j, ef in enumerate((True, False)):
@@ -435,7 +424,7 @@ def plot_compression(path, chosen, runs):
   ax.set_xticks(np.arange(len(labels)))
   ax.set_xticklabels([COMPRESSOR_LABELS[lb].replace(", ", "\n") for lb in labels], fontsize=7)
   ax.set_ylabel("loss - uncompressed (paired, mean +- std)")
-  ax.set_title(f"MuLoCo K={key[1]}: compressed pseudogradients, the authors' recipe", fontsize=10)
+  ax.set_title(f"MuLoCo K={k}: compressed pseudogradients, the authors' recipe", fontsize=10)
   ax.set_yscale("symlog", linthresh=0.01)
   ax.grid(alpha=0.3, axis="y")
   ax.legend(fontsize=7)
