@@ -188,7 +188,8 @@ def vocab_size(config: Mapping, run: str = "run") -> int:
 
 
 def param_bytes_from_config(config: Mapping, run: str = "run") -> int:
-  """Float32 bytes of the run's parameters: 4 x `model.param_count` of `model.size` and its vocab."""
+  """Float32 bytes of the run's parameters: 4 x `model.param_count` of `model.size` (with its
+  `model.num_layers` if set) and its vocab."""
   from muloco_jax import model as model_lib  # imports jax and flax: only when a DP run needs it
 
   size = _get(config, "model.size", run=run)
@@ -197,6 +198,7 @@ def param_bytes_from_config(config: Mapping, run: str = "run") -> int:
       size,
       vocab_size=vocab_size(config, run),
       max_seq_len=int(config.get("model.max_seq_len", 2048)),
+      **({"num_layers": int(config["model.num_layers"])} if config.get("model.num_layers") else {}),
     )
   except ValueError as e:
     raise WallclockError(f"{run}: model.size={size!r}: {e}") from None

@@ -112,6 +112,9 @@ def test_param_bytes_from_config_is_float32_param_count():
   bpe = _config(**{"data.tokenizer": "bpe", "data.vocab_size": 1000})
   count = model_lib.param_count(model_lib.model_config("tiny", vocab_size=1000))
   assert wallclock.param_bytes_from_config(bpe) == 4 * count
+  deeper = _config(num_workers=0, **{"model.num_layers": 4})
+  count = model_lib.param_count(model_lib.model_config("tiny", vocab_size=257, num_layers=4))
+  assert wallclock.param_bytes_from_config(deeper) == 4 * count
 
 
 @pytest.mark.parametrize(
