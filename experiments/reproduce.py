@@ -30,6 +30,7 @@ of a stage for the others.  A killed cell resumes from its checkpoint on the nex
 """
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -93,7 +94,12 @@ SMOKE_PLAN = Plan(
 )
 
 common.define_flags()
-flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
+flags.DEFINE_list(
+  "stages",
+  [],
+  "Of compression, control, streaming and directional, run only these (default: all); tune, "
+  "outer and seeds always run, and control only with compression.",
+)
 flags.DEFINE_float("poll", 10.0, "Seconds between checks for cells another process is training.")
 
 
@@ -133,24 +139,35 @@ class Cells:
     return common.load_json(p) if os.path.exists(p) else None
 
   def run(self, cells):
-    """Trains the cells {name: (overrides, info)} not finished yet; returns {name: result}
-    once every one is finished (by this process or another), or the finished ones under
-    --report_only."""
+    """Trains the cells {name: (overrides, info)} not finished yet (see `make`)."""
+    return self.make(
+      {
+        name: lambda name=name: common.run_cell(
+          SWEEP, name, cells[name][0], smoke=self.smoke, info=cells[name][1]
+        )
+        for name in cells
+      }
+    )
+
+  def make(self, jobs):
+    """Runs `jobs[name]()`, which writes the cell's result file, for every cell not finished
+    yet, each claimed by one process; returns {name: result} once every one is finished (by
+    this process or another), or the finished ones under --report_only."""
     fl = flags.FLAGS
-    while True:
-      pending = [n for n in cells if self.get(n) is None]
-      if not pending or fl.report_only:
+    while not fl.report_only:
+      pending = [n for n in jobs if not os.path.exists(self.path(n))]
+      if not pending:
         break
       for name in pending:
-        if self.get(name) is None and common.claim(self.path(name)):
+        if not os.path.exists(self.path(name)) and common.claim(self.path(name)):
           try:
-            overrides, info = cells[name]
-            common.run_cell(SWEEP, name, overrides, smoke=self.smoke, info=info)
+            jobs[name]()
           finally:
             common.release(self.path(name))
-      if any(self.get(n) is None for n in cells):
+      if any(not os.path.exists(self.path(n)) for n in jobs):
         time.sleep(fl.poll)  # cells another process is training
-    return {n: self.get(n) for n in cells if self.get(n) is not None}
+    results = {n: self.get(n) for n in jobs}
+    return {n: r for n, r in results.items() if r is not None}
 
 
 def loss(r):
@@ -338,39 +355,28 @@ def streaming(cells, chosen):
 
 def directional(cells, chosen):
   """Stage 7: {(optimizer, seed): measurement} at the chosen DP learning rates."""
-  fl = flags.FLAGS
-  out = {}
+  plan, jobs, keys = cells.plan, {}, {}
+
+  def measure(name, optimizer, seed, lr):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    r = directional_correctness.measure(
+      optimizer, plan.directional_warmup, plan.directional_ks, cells.smoke, seed=seed, lr=lr
+    )
+    r.update(wall_seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start)
+    common.save_json(cells.path(name), r)
+
   for optimizer, method in (("adamw", "dp_adamw"), ("muon", "dp_muon")):
     lr = chosen[(method, 0)]["lr"]
-    for seed in cells.plan.seeds:
+    for seed in plan.seeds:
       name = common.cell_name("directional", optimizer, f"lr{lr:g}", f"s{seed}")
-      path = cells.path(name)
-      while not os.path.exists(path) and not fl.report_only:
-        if common.claim(path):
-          try:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            r = directional_correctness.measure(
-              optimizer,
-              cells.plan.directional_warmup,
-              cells.plan.directional_ks,
-              cells.smoke,
-              seed=seed,
-              lr=lr,
-            )
-            r.update(
-              wall_seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start
-            )
-            common.save_json(path, r)
-          finally:
-            common.release(path)
-        else:
-          time.sleep(fl.poll)
-      if os.path.exists(path):
-        out[(optimizer, seed)] = common.load_json(path)
-  return out
+      jobs[name] = functools.partial(measure, name, optimizer, seed, lr)
+      keys[name] = (optimizer, seed)
+  return {keys[name]: r for name, r in cells.make(jobs).items()}
 
 
-STAGES = ("tune", "outer", "seeds", "compression", "control", "streaming", "directional")
+# The stages --stages may pick; tune, outer and seeds always run (the others start from their
+# choices), and control runs with compression (it reads compression's norm ratios).
+STAGES = ("compression", "control", "streaming", "directional")
 
 
 def main(argv):
