@@ -70,6 +70,13 @@ def seed_losses(runs: dict) -> dict:
   return {int(s): r["final_eval_loss"] for s, r in runs.items() if r is not None}
 
 
+def method_losses(chosen: dict, method: str, k: int) -> dict | None:
+  """{seed: loss} of a method's chosen setting at K (the DP baselines at any K), None if it
+  was not chosen (yet)."""
+  c = chosen.get((method, 0 if method.startswith("dp_") else k))
+  return None if c is None else seed_losses(c.get("seeds", {}))
+
+
 def finding(text, paper, effects, definition) -> dict:
   mean, std, n, v = verdict(effects)
   return dict(
@@ -148,9 +155,10 @@ def compression_reference(chosen, runs):
 
 
 def compression_findings(chosen, runs) -> list[dict]:
-  if compression_reference(chosen, runs) is None:
+  reference = compression_reference(chosen, runs)
+  if reference is None:
     return []
-  k, none = compression_reference(chosen, runs)
+  k, none = reference
   comp = runs["compression"]
   lossy = {c: seed_losses(r) for c, r in comp.items()}
   out = []
@@ -189,7 +197,7 @@ def compression_findings(chosen, runs) -> list[dict]:
       "v1: MuLoCo 2-bit EF beats AdamW-DiLoCo, sending 8x fewer bytes",
       paired(
         lambda d, c: d - c,
-        seed_losses(chosen.get(("diloco", k), {}).get("seeds", {})),
+        method_losses(chosen, "diloco", k) or {},
         lossy.get(("stat2", True), {}),
       ),
       f"L(DiLoCo K={k}, float32) - L(MuLoCo K={k}, stat2 EF)",
@@ -236,11 +244,20 @@ def streaming_findings(streaming) -> list[dict]:
   ]
 
 
-def directional_findings(directional) -> list[dict]:
+OPTIMIZER_LABELS = {"adamw": "AdamW (DiLoCo)", "muon": "Muon (MuLoCo)"}
+
+
+def directional_cosines(directional) -> dict:
+  """{(optimizer, K): {seed: mean-over-matrices cosine}} of the directional stage's cells."""
   cos = {}
   for (optimizer, seed), r in directional.items():
     for k, p in r["per_k"].items():
       cos.setdefault((optimizer, int(k)), {})[seed] = p["mean_matrix_cosine"]
+  return cos
+
+
+def directional_findings(directional) -> list[dict]:
+  cos = directional_cosines(directional)
   ks = sorted({k for _, k in cos})
   return [
     finding(
@@ -293,9 +310,9 @@ def loss_table(chosen) -> list[str]:
   ]
   for method in LABELS:
     cells = []
-    for k in [0] if method.startswith("dp_") else ks:
-      c = chosen.get((method, k))
-      cells.append("not run" if c is None else mean_std(seed_losses(c["seeds"]).values()))
+    for k in ks[:1] if method.startswith("dp_") else ks:
+      losses = method_losses(chosen, method, k)
+      cells.append("not run" if losses is None else mean_std(losses.values()))
     if method.startswith("dp_"):
       cells += ["(same)"] * (len(ks) - 1)
     lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
@@ -322,9 +339,10 @@ def settings_table(chosen) -> list[str]:
 
 
 def compression_table(chosen, runs) -> list[str]:
-  if compression_reference(chosen, runs) is None:
+  reference = compression_reference(chosen, runs)
+  if reference is None:
     return []
-  k, none = compression_reference(chosen, runs)
+  k, none = reference
   comp = runs["compression"]
   lines = [
     "| compressor | EF | loss | loss - uncompressed (paired) | bits/param | rel. error "
@@ -371,18 +389,15 @@ def streaming_table(streaming) -> list[str]:
 def directional_table(directional) -> list[str]:
   if not directional:
     return []
-  ks = sorted({int(k) for r in directional.values() for k in r["per_k"]})
+  cos = directional_cosines(directional)
+  ks = sorted({k for _, k in cos})
   lines = [
     "| inner optimizer | " + " | ".join(f"K={k}" for k in ks) + " |",
     "|---|" + "---|" * len(ks),
   ]
-  for optimizer, name in (("adamw", "AdamW (DiLoCo)"), ("muon", "Muon (MuLoCo)")):
-    rs = [r for (o, _), r in sorted(directional.items()) if o == optimizer]
-    lines.append(
-      f"| {name} | "
-      + " | ".join(mean_std(r["per_k"][str(k)]["mean_matrix_cosine"] for r in rs) for k in ks)
-      + " |"
-    )
+  for optimizer, name in OPTIMIZER_LABELS.items():
+    cells = [mean_std(cos.get((optimizer, k), {}).values()) for k in ks]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return lines
 
 
@@ -496,15 +511,8 @@ def report(chosen: dict, runs: dict, *, smoke: bool = False, out: str | None = N
   ks = sorted({k for _, k in chosen if k})
   if ks:
     series = {}
-    for method in LABELS:
-      xs = ks
-      per = [
-        seed_losses(
-          chosen.get((method, 0 if method.startswith("dp_") else k), {}).get("seeds", {})
-        ).values()
-        for k in ks
-      ]
-      series[LABELS[method]] = (xs, [list(v) for v in per])
+    for method, label in LABELS.items():
+      series[label] = (ks, [list((method_losses(chosen, method, k) or {}).values()) for k in ks])
     plot_errorbars(
       os.path.join(path, "loss_vs_k.png"),
       series,
@@ -517,20 +525,11 @@ def report(chosen: dict, runs: dict, *, smoke: bool = False, out: str | None = N
     plot_compression(os.path.join(path, "compression.png"), chosen, runs)
   directional = runs.get("directional", {})
   if directional:
-    dks = sorted({int(k) for r in directional.values() for k in r["per_k"]})
+    cos = directional_cosines(directional)
+    dks = sorted({k for _, k in cos})
     series = {
-      name: (
-        dks,
-        [
-          [
-            r["per_k"][str(k)]["mean_matrix_cosine"]
-            for (o, _), r in directional.items()
-            if o == optimizer
-          ]
-          for k in dks
-        ],
-      )
-      for optimizer, name in (("adamw", "AdamW (DiLoCo)"), ("muon", "Muon (MuLoCo)"))
+      name: (dks, [list(cos.get((optimizer, k), {}).values()) for k in dks])
+      for optimizer, name in OPTIMIZER_LABELS.items()
     }
     plot_errorbars(
       os.path.join(path, "directional.png"),
