@@ -262,14 +262,12 @@ def run_cell(
   runs: str | None = None,
   keep_checkpoints: bool | None = None,
   info: dict | None = None,
-  shared_with: Sequence[str] = (),
 ) -> dict | None:
   """Trains one cell unless OUT/<sweep>/cells/<name>.json exists; returns its summary
   (None for an unfinished cell under --report_only).
 
   The workdir RUNS/<sweep>/<name> keeps the checkpoints, so a killed run resumes where it stopped
   (`train_and_evaluate` restores the latest checkpoint).  `info` is stored with the summary.
-  A finished cell of the same name and config in one of the `shared_with` sweeps is reused.
   """
   from muloco_jax import metrics as metrics_lib
   from muloco_jax import train
@@ -279,12 +277,6 @@ def run_cell(
   runs = runs or fl.runs
   keep = fl.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
   result_path = os.path.join(sweep_dir(sweep, out), "cells", name + ".json")
-  for other in shared_with:
-    src = os.path.join(out, other, "cells", name + ".json")
-    if not os.path.exists(result_path) and os.path.exists(src):
-      r = load_json(src)
-      if r.get("overrides") == overrides and r.get("smoke") == smoke:
-        save_json(result_path, dict(r, **(info or {}), sweep=sweep, reused_from=other))
   if os.path.exists(result_path):
     print(f"{sweep}/{name}: done already, skipped.", flush=True)
     return load_json(result_path)
