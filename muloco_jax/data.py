@@ -17,8 +17,11 @@ Our two corpora are built offline on first use. Tokenizers: `tokenizer.py`.
 Each split is tokenized once into a cached token stream (documents followed by
 EOS) under `data.dir/packed/`, memory-mapped and cut into windows of
 seq_len + 1 tokens with stride seq_len: inputs = w[:-1], targets = w[1:].
-The global train batch at step s is a pure function of (seed, s); shard k of n
-gets rows [k * B/n, (k+1) * B/n) of it.
+The train examples are one endless stream, a pure function of the seed (each epoch
+reshuffled); a global batch of B read after n examples is examples [n, n + B) of it, and
+a process reads the rows of it that its devices hold (`rows`, from the mesh: see
+`sharding.rows_held`).  The saved position is the examples consumed, so a run resumed
+with another batch size continues exactly after the last example read.
 """
 
 import contextlib
@@ -318,40 +321,40 @@ def _to_example(windows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class LMIterator:
-  """Yields batch after batch of a random-access dataset; saveable position."""
+  """Yields the rows ``rows`` of consecutive global batches of ``batch_size`` examples of a
+  random-access stream; its position (``get_state``) is the examples consumed."""
 
-  def __init__(self, batches: grain.MapDataset, step: int = 0, num_steps: int | None = None):
-    self._batches, self._step, self._num_steps = batches, step, num_steps
+  def __init__(
+    self,
+    examples: grain.MapDataset,
+    batch_size: int,
+    rows: Sequence[int] | None = None,
+    num_batches: int | None = None,
+  ):
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows, int)
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    if rows.ndim != 1 or len(rows) and not (0 <= rows.min() and rows.max() < batch_size):
+      raise ValueError(f"rows={rows.tolist()} are not rows of a batch of {batch_size}.")
+    self._examples, self._batch_size, self._rows = examples, batch_size, rows
+    self._end = None if num_batches is None else num_batches * batch_size
+    self._position = 0
 
   def __iter__(self) -> "LMIterator":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._num_steps is not None and self._step >= self._num_steps:
+    if self._end is not None and self._position >= self._end:
       raise StopIteration
-    batch = self._batches[self._step]
-    self._step += 1
-    return batch
+    windows = np.stack([self._examples[self._position + int(r)] for r in self._rows])
+    self._position += self._batch_size
+    return _to_example(windows)
 
   def get_state(self) -> dict[str, int]:
-    return {"step": self._step}
+    return {"examples": self._position}
 
   def set_state(self, state: dict[str, int]) -> None:
-    self._step = int(state["step"])
-
-
-def _shard_batches(
-  windows: grain.MapDataset, batch_size: int, shard_index: int, shard_count: int
-) -> grain.MapDataset:
-  """Element s = rows [k*b, (k+1)*b) of global batch s (b = batch/shards)."""
-  if batch_size < 1 or batch_size % shard_count:
-    raise ValueError(
-      f"batch_size={batch_size} is not a positive multiple of shard_count={shard_count}."
-    )
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}).")
-  batches = windows.batch(batch_size // shard_count)
-  return batches[shard_index::shard_count].map(_to_example)
+    self._position = int(state["examples"])
 
 
 class LMData:
@@ -391,24 +394,22 @@ class LMData:
     return len(self._eval)
 
   def train_iterator(
-    self,
-    batch_size: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    start_step: int = 0,
+    self, batch_size: int, seed: int, rows: Sequence[int] | None = None, start_example: int = 0
   ) -> LMIterator:
-    """Endless shuffled batches; each epoch is reshuffled."""
+    """Endless shuffled batches (each epoch reshuffled), from example ``start_example`` of
+    the stream on; ``rows``: the rows of each global batch to read (default all)."""
     windows = grain.MapDataset.source(self._train).shuffle(seed=seed).repeat()
-    return LMIterator(_shard_batches(windows, batch_size, shard_index, shard_count), start_step)
+    iterator = LMIterator(windows, batch_size, rows)
+    iterator.set_state({"examples": start_example})
+    return iterator
 
   def eval_iterator(
-    self, batch_size: int, shard_index: int = 0, shard_count: int = 1, num_steps: int | None = None
+    self, batch_size: int, rows: Sequence[int] | None = None, num_steps: int | None = None
   ) -> LMIterator:
     """Batches of the eval split in fixed order, wrapping around; stops after
-    `num_steps` batches if given."""
+    `num_steps` batches if given.  ``rows`` as in ``train_iterator``."""
     windows = grain.MapDataset.source(self._eval).repeat()
-    return LMIterator(_shard_batches(windows, batch_size, shard_index, shard_count), 0, num_steps)
+    return LMIterator(windows, batch_size, rows, num_steps)
 
 
 def get_dataset(config: ml_collections.ConfigDict, data_dir: str | None = None) -> LMData:

@@ -136,8 +136,13 @@ class DataParallel(_Layout):
       out_shardings=(self.state_sharding, jax.NamedSharding(mesh, P())),
     )
 
+  def batch_rows(self, global_batch_size: int) -> np.ndarray:
+    """The rows of every global batch this process reads: those its devices hold."""
+    return sharding.rows_held(self.batch_sharding, (global_batch_size,))
+
   def place_batch(self, local_batch: dict, global_batch_size: int) -> dict:
-    """This process's rows of the global batch -> global arrays split over every device."""
+    """This process's rows of the global batch (``batch_rows``, or all of them) -> global
+    arrays split over every device."""
     return {
       k: sharding.place_rows(v, self.batch_sharding, (global_batch_size,) + v.shape[1:])
       for k, v in local_batch.items()
@@ -403,30 +408,32 @@ class DiLoCo(_Layout):
       )
     return programs
 
+  def batch_rows(self, global_batch_size: int) -> np.ndarray:
+    """The rows of every global batch this process reads: those its devices hold (worker k's
+    row j is row ``k B/K + j``)."""
+    k = self.num_workers
+    return sharding.rows_held(self.batch_sharding, (k, global_batch_size // k))
+
   def shard_batch(self, batch: dict, global_batch_size: int | None = None) -> dict:
     """Rows ``[B, ...]`` -> ``[K, B/K, ...]`` on the mesh (worker k gets rows
     ``[k B/K, (k+1) B/K)`` of the global batch).
 
     ``global_batch_size`` None: ``batch`` is the whole global batch (every process passes the
-    same one and places its own shards).  Otherwise ``batch`` holds this process's consecutive
-    rows of a global batch of that size (processes in order).
+    same one and places its own shards).  Otherwise ``batch`` holds this process's rows of a
+    global batch of that size (``batch_rows``).
     """
     sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:
       raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
-    rows = sizes.pop()
-    global_batch_size = rows if global_batch_size is None else global_batch_size
+    global_batch_size = sizes.pop() if global_batch_size is None else global_batch_size
     sharding.check_batch_size("train.batch_size", global_batch_size, self.num_workers, self.mesh)
     k = self.num_workers
-    per_worker = global_batch_size // k
-
-    def place(x):
-      x = np.asarray(x)
-      # This process's rows split into whole workers, or (fewer rows) part of one worker's.
-      local = x.reshape((-1, per_worker) + x.shape[1:]) if rows >= per_worker else x[None]
-      return sharding.place_rows(local, self.batch_sharding, (k, per_worker) + x.shape[1:])
-
-    return jax.tree.map(place, batch)
+    return jax.tree.map(
+      lambda x: sharding.place_rows(
+        x, self.batch_sharding, (k, global_batch_size // k) + np.shape(x)[1:], row_dims=2
+      ),
+      batch,
+    )
 
   place_batch = shard_batch
 

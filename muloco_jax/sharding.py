@@ -17,6 +17,7 @@ be compiled for a topology that is not attached (``muloco_jax.aot``).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from typing import Any
 
@@ -279,13 +280,76 @@ def leading_axis_specs(tree: PyTree, fsdp: int) -> PyTree:
 # Placement and bytes.
 
 
-def place_rows(rows: Any, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
-  """A global array of ``global_shape`` from this process's consecutive rows of it.
+def _rows_of(index: tuple, row_shape: tuple[int, ...]) -> np.ndarray:
+  """The rows of a shard's ``index``: its leading ``len(row_shape)`` dimensions' positions,
+  flattened in C order (worker k's row j of a ``[K, B/K]`` batch is row ``k B/K + j``)."""
+  ranges = [np.arange(n)[s] for s, n in zip(index, row_shape)]
+  return np.ravel_multi_index(np.ix_(*ranges), row_shape).ravel()
 
-  With several processes each passes its own block of rows (along the leading axis); a
-  process that passes the whole ``global_shape`` (every process the same) places its shards.
+
+@functools.lru_cache(maxsize=64)
+def _rows_held(sharding: NamedSharding, row_shape: tuple[int, ...], process: int) -> np.ndarray:
+  indices = sharding.devices_indices_map(row_shape)
+  held = [_rows_of(i, row_shape) for d, i in indices.items() if d.process_index == process]
+  rows = np.unique(np.concatenate(held)) if held else np.zeros(0, int)
+  rows.flags.writeable = False  # cached
+  return rows
+
+
+def rows_held(
+  sharding: NamedSharding, row_shape: tuple[int, ...], process_index: int | None = None
+) -> np.ndarray:
+  """The rows of a batch that the devices of process ``process_index`` (default this one)
+  hold, sorted: what that process reads of every global batch.
+
+  ``row_shape``: the leading dimensions ``sharding`` splits, ``(B,)`` or ``(K, B/K)``, whose
+  positions flattened in C order number the rows.  Which rows a process holds follows from
+  the mesh, not from its index: on a TPU slice one host's chips may sit in several worker rows.
   """
-  return jax.make_array_from_process_local_data(sharding, np.asarray(rows), global_shape)
+  process = jax.process_index() if process_index is None else process_index
+  return _rows_held(sharding, tuple(row_shape), process)
+
+
+def shard_of_rows(
+  local: np.ndarray, held: np.ndarray, index: tuple, global_shape: tuple[int, ...], row_dims: int
+) -> np.ndarray:
+  """The shard at ``index`` of a global array of ``global_shape``, from the rows ``held`` of
+  it (``rows_held``) in ``local`` (``[len(held), ...]``, in that order)."""
+  row_shape = tuple(global_shape[:row_dims])
+  rows = local[np.searchsorted(held, _rows_of(index, row_shape))]
+  rows = rows[(slice(None),) + tuple(index[row_dims:])]
+  return rows.reshape(
+    tuple(len(range(*s.indices(n))) for s, n in zip(index, row_shape)) + rows.shape[1:]
+  )
+
+
+def place_rows(
+  rows: Any, sharding: NamedSharding, global_shape: tuple[int, ...], row_dims: int = 1
+) -> jax.Array:
+  """A global array of ``global_shape`` from this process's rows of it.
+
+  The rows are the positions of the leading ``row_dims`` dimensions (``rows_held``): each
+  process passes those its devices hold, in order, as ``[rows, ...]``.  A process that passes
+  every row, or the whole array (every process the same), places its shards of it.
+  """
+  data = np.asarray(rows)
+  global_shape = tuple(global_shape)
+  row_shape = global_shape[:row_dims]
+  if data.shape != global_shape and data.shape[:1] == (math.prod(row_shape),):
+    data = data.reshape(global_shape)
+  if data.shape == global_shape:
+    return jax.make_array_from_callback(global_shape, sharding, lambda index: data[index])
+  held = rows_held(sharding, row_shape)
+  if data.shape != (len(held),) + global_shape[row_dims:]:
+    raise ValueError(
+      f"process {jax.process_index()} holds {len(held)} rows of a global {global_shape} array "
+      f"(sharding.rows_held), but was given {data.shape}"
+    )
+  return jax.make_array_from_callback(
+    global_shape,
+    sharding,
+    lambda index: shard_of_rows(data, held, index, global_shape, row_dims),
+  )
 
 
 def bytes_per_device(tree: PyTree) -> dict:
