@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -40,16 +41,34 @@ PyTree = Any
 # The mesh.
 
 
-def _granules(devices) -> tuple[int, bool]:
-  """(number of groups joined by slow links, whether those groups are processes).
+def slow_link_group(device) -> int:
+  """The group of devices joined by fast links that ``device`` is in: its TPU slice, else its
+  host.  Processes on one host (one per GPU, say) share that host's links.
 
-  TPU slices (``slice_index``) are joined by the data-centre network, while the hosts of one
-  slice share its chip-to-chip links; elsewhere (GPU, CPU) each process (host) is a group.
+  jax numbers the groups with ``slice_index``: a TPU slice; elsewhere a host (by boot id), or
+  the ``partition_index`` a process gave ``jax.distributed.initialize`` (or
+  ``JAX_PARTITION_INDEX``), which is how to name other groups, e.g. an NVLink domain across
+  hosts.  Devices with none (a compile-only TPU topology of one slice, one process's devices,
+  a device list made up for planning) are one group.
   """
-  if all(hasattr(d, "slice_index") for d in devices):
-    return len({d.slice_index for d in devices}), False
-  processes = {d.process_index for d in devices}
-  return len(processes), len(processes) > 1
+  return getattr(device, "slice_index", 0)
+
+
+def _warn_if_fsdp_crosses_slow_links(mesh: Mesh) -> None:
+  """A worker row spanning slow-link groups gathers its weights over them every step."""
+  spans = max(len({slow_link_group(d) for d in row}) for row in mesh.devices)
+  if spans > 1:
+    groups = len({slow_link_group(d) for d in mesh.devices.flat})
+    logging.warning(
+      "mesh worker=%d x fsdp=%d: each worker's fsdp axis spans %d of the %d slices/hosts, so "
+      "its FSDP gathers and reduce-scatters cross the slow links between them every step; "
+      "a diloco.num_workers that is a multiple of %d (or, with data parallelism, diloco.fsdp "
+      "<= the devices of one slice/host) keeps them inside one.",
+      *mesh.devices.shape,
+      spans,
+      groups,
+      groups,
+    )
 
 
 def make_mesh(worker_parallelism: int, fsdp: int = 1, devices=None) -> Mesh:
@@ -57,9 +76,10 @@ def make_mesh(worker_parallelism: int, fsdp: int = 1, devices=None) -> Mesh:
 
   ``devices`` defaults to ``jax.devices()`` and must hold at least that many; the first ones
   are used (``mesh_for_workers`` uses all of them).  The grid comes from jax's mesh utilities:
-  across slices or hosts (``mesh_utils.create_hybrid_device_mesh``) the ``worker`` axis takes
-  the slow links and ``fsdp`` the fast ones inside a slice or host; ``fsdp`` spans the slow
-  links only when the ``worker`` axis cannot (it is smaller than the number of slices or hosts).
+  across slices or hosts (``slow_link_group``; ``mesh_utils.create_hybrid_device_mesh``) the
+  ``worker`` axis takes the slow links and ``fsdp`` the fast ones inside a slice or host;
+  ``fsdp`` spans the slow links only when the ``worker`` axis cannot (it is smaller than the
+  number of slices or hosts), and a warning says so.
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = (worker_parallelism, fsdp)
@@ -70,24 +90,24 @@ def make_mesh(worker_parallelism: int, fsdp: int = 1, devices=None) -> Mesh:
       f"{len(devices)} available"
     )
   devices = devices[:needed]
-  granules, process_is_granule = _granules(devices)
-  if granules == 1:
+  groups = len({slow_link_group(d) for d in devices})
+  if groups == 1:
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   else:
-    if worker_parallelism % granules == 0:
-      dcn = (granules, 1)
-    elif fsdp % granules == 0:
-      dcn = (1, granules)
+    if worker_parallelism % groups == 0:
+      dcn = (groups, 1)
+    elif fsdp % groups == 0:
+      dcn = (1, groups)
     else:
       raise ValueError(
         f"mesh worker={worker_parallelism} x fsdp={fsdp} cannot be laid over "
-        f"{granules} slices/hosts: one axis must be a multiple of {granules}"
+        f"{groups} slices/hosts: one axis must be a multiple of {groups}"
       )
     ici = tuple(n // g for n, g in zip(shape, dcn))
-    grid = mesh_utils.create_hybrid_device_mesh(
-      ici, dcn, devices, process_is_granule=process_is_granule, allow_split_physical_axes=True
-    )
-  return Mesh(grid, AXES)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  mesh = Mesh(grid, AXES)
+  _warn_if_fsdp_crosses_slow_links(mesh)
+  return mesh
 
 
 def mesh_for_workers(num_workers: int, devices=None, fsdp: int = 0) -> Mesh:
