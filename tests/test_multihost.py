@@ -1,14 +1,26 @@
-"""The launcher on two JAX processes (localhost, gloo CPU collectives) equals one process."""
+"""Several JAX processes on localhost (gloo CPU collectives) equal one process on as many devices:
+a process per "GPU" (4 x 2 devices) and a process per "node" (2 x 4 devices)."""
 
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from muloco_jax import metrics as metrics_lib
 import launcher
+import layout_run
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAYOUTS = {"process_per_gpu": (4, 2), "process_per_node": (2, 4)}
+# The launcher's runs, on 8 devices in all.
+METHODS = {
+  "data_parallel": ["--config.diloco.num_workers=0"],
+  "muloco_k2_fsdp4": ["--config.diloco.num_workers=2", "--config.diloco.fsdp=4"],
+  "muloco_k4_fsdp2": ["--config.diloco.num_workers=4", "--config.diloco.fsdp=2"],
+}
 OVERRIDES = [
   "--config.data.tokenizer=byte",
   "--config.data.seq_len=32",
@@ -29,13 +41,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start(workdir, data_dir, devices, *flags):
-  return launcher.start(
-    workdir, f"--config.data.dir={data_dir}", *OVERRIDES, *flags, devices=devices
-  )
-
-
-def _wait(processes, timeout=400):
+def _wait(processes, timeout=600):
   outputs = []
   try:
     for p in processes:
@@ -49,26 +55,75 @@ def _wait(processes, timeout=400):
   return outputs
 
 
-@pytest.mark.slow  # ~100 s each: three launcher runs; tests/test_diloco.py covers two processes
-@pytest.mark.parametrize(
-  "method", [[], ["--config.diloco.num_workers=0"]], ids=["muloco_k4", "data_parallel_muon"]
-)
-def test_two_processes_match_one(tmp_path, method):
-  data_dir = tmp_path / "data"
-  _wait([_start(tmp_path / "single", data_dir, 4, *method)])  # builds the dataset too
+def _distributed(num_processes):
   coordinator = f"localhost:{_free_port()}"
+  return [
+    [
+      f"--coordinator_address={coordinator}",
+      f"--num_processes={num_processes}",
+      f"--process_id={i}",
+    ]
+    for i in range(num_processes)
+  ]
+
+
+@pytest.fixture(scope="module")
+def one_process_layout_runs():
+  """layout_run's methods in this process, on its 8 devices: {method: results}."""
+  return {}
+
+
+def _layout_reference(cache, method):
+  if method not in cache:
+    cache[method] = layout_run.run(method)
+  return cache[method]
+
+
+@pytest.mark.parametrize(
+  "layout, methods",
+  [
+    ("process_per_gpu", ["muloco_k2_fsdp4"]),
+    pytest.param("process_per_gpu", ["data_parallel", "muloco_k4_fsdp2"], marks=pytest.mark.slow),
+    pytest.param("process_per_node", list(layout_run.METHODS), marks=pytest.mark.slow),
+  ],
+)
+def test_interleaved_layouts_match_one_process(tmp_path, one_process_layout_runs, layout, methods):
+  """Worker rows that mix processes, as on a TPU slice (each process reads rows of several
+  workers, not a block of the batch): losses, eval loss and parameters equal one process's."""
+  num_processes, devices = LAYOUTS[layout]
+  out = tmp_path / "results.npz"
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  command = [sys.executable, os.path.join(HERE, "layout_run.py"), str(out), "--methods", *methods]
   _wait(
     [
-      _start(
-        tmp_path / "multi",
-        data_dir,
-        2,
-        f"--coordinator_address={coordinator}",
-        "--num_processes=2",
-        f"--process_id={i}",
-        *method,
+      subprocess.Popen(
+        command + flags,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
       )
-      for i in range(2)
+      for flags in _distributed(num_processes)
+    ]
+  )
+  results = np.load(out)
+  for method in methods:
+    for key, value in _layout_reference(one_process_layout_runs, method).items():
+      np.testing.assert_allclose(results[f"{method}/{key}"], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # ~2 min each: a run on 8 devices, then the same on 4 or 2 processes
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_launcher_on_several_processes_matches_one(tmp_path, layout, method):
+  num_processes, devices = LAYOUTS[layout]
+  data_dir = f"--config.data.dir={tmp_path / 'data'}"
+  flags = [data_dir, *OVERRIDES, *METHODS[method]]
+  _wait([launcher.start(tmp_path / "single", *flags, devices=8)])  # builds the dataset too
+  _wait(
+    [
+      launcher.start(tmp_path / "multi", *flags, *distributed, devices=devices)
+      for distributed in _distributed(num_processes)
     ]
   )
   single = metrics_lib.read_metrics(str(tmp_path / "single"))
