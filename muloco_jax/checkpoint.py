@@ -268,7 +268,8 @@ class Checkpointer:
     temporary.write_text(text)
     temporary.replace(self._config_path)
 
-  def _saved_config(self) -> dict[str, Any] | None:
+  def saved_config(self) -> dict[str, Any] | None:
+    """The flattened settings of the run that last wrote the checkpoints (None: unreadable)."""
     if self._config_path is None:
       return None
     try:
@@ -285,7 +286,7 @@ class Checkpointer:
     return tree
 
   def _incompatible_message(self, step: int, differences: list[str], config) -> str:
-    saved = self._saved_config()
+    saved = self.saved_config()
     if config is None:
       settings = "was saved by another configuration"
     elif saved is None:

@@ -201,6 +201,38 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(dp_run, data_dir, tmp_
   _assert_same_state(workdir, reference, 24)
 
 
+def test_resume_at_another_batch_size_continues_after_the_last_example(dp_run, data_dir, tmp_path):
+  """Saved after 24 batches of 16, resumed at batch 24: step 25 reads examples 384..407 of the
+  stream (not 576.., 24 batches of 24), and its logged loss is the saved parameters' on them."""
+  from muloco_jax import data as data_lib
+
+  reference, _ = dp_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  config = tiny_config(data_dir)
+  config.train.batch_size, config.train.num_steps = 24, 25
+  train.train_and_evaluate(config, workdir)
+  resumed = metrics_lib.read_metrics(workdir)[-1]
+  assert resumed["step"] == 25
+  batch = next(
+    data_lib.get_dataset(config.data).train_iterator(24, config.seed, start_example=24 * 16)
+  )
+  model = train.make_model(config, BYTE_VOCAB)
+  saved = _checkpointed_state(reference, 24)
+  expected = jax.jit(train.make_loss_fn(model))(saved["params"], batch)
+  np.testing.assert_allclose(resumed["train_loss"], expected, rtol=1e-5)
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    data_state = manager.restore(25, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+  assert data_state["data_iterator"] == {"examples": 24 * 16 + 24}
+
+
+def test_older_checkpoints_count_batches_of_their_batch_size():
+  config = tiny_config("unused")
+  assert train.examples_consumed({"examples": 100}, None, config) == 100
+  assert train.examples_consumed({"step": 8}, {"train.batch_size": 32}, config) == 256
+  assert train.examples_consumed({"step": 8}, None, config) == 8 * config.train.batch_size
+
+
 # ----------------------------------------------------------------------------
 # DiLoCo (MuLoCo: Muon inner optimizer).
 
