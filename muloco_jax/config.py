@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.max_seq_len = 2048
   c.model.scan_layers = False
   c.model.remat = False
+  # The loss forms the float32 logits of this many positions of each sequence at a time
+  # (rematerialised in the backward pass); 0: all at once.  Must divide data.seq_len.
+  c.model.loss_chunk_len = 128
   c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
 
   c.data = data_lib.default_config()
@@ -126,6 +129,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ValueError(f"model.size={config.model.size!r}: {e}") from None
   _check(config.data.seq_len >= 1, "data.seq_len", config.data.seq_len, "must be >= 1")
+  chunk_len, seq_len = config.model.loss_chunk_len, config.data.seq_len
+  _check(
+    chunk_len >= 0 and (chunk_len == 0 or chunk_len >= seq_len or seq_len % chunk_len == 0),
+    "model.loss_chunk_len",
+    chunk_len,
+    f"must be 0, a divisor of data.seq_len={seq_len} or at least it",
+  )
   _check(
     config.data.seq_len <= config.model.max_seq_len,
     "data.seq_len",

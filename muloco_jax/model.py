@@ -84,6 +84,8 @@ class ModelConfig:
   norm_eps: float = 1e-6
   scan_layers: bool = False
   remat: bool = False
+  # Sequence positions whose logits the training loss forms at once (`loss`); 0: all.
+  loss_chunk_len: int = 128
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -198,26 +200,125 @@ class Block(nn.Module):
     return x, None
 
 
-class Transformer(nn.Module):
-  """Decoder-only LM: int32 tokens [B, T] -> fp32 logits [B, T, vocab]; T <= max_seq_len."""
+def embedding_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+  """``table[tokens]`` cast to ``dtype``, with a backward pass free of contended scatter-adds.
+
+  The forward pass gathers from the (float32) table and casts after, which equals casting the
+  table first.  The table's gradient is ``G[v] = sum_{i: tokens_i = v} dy_i``, summed in float32.
+  The plain VJP is a scatter-add of every row of ``dy`` (in ``dtype``) into the table: on GPUs
+  a frequent token (a space, a newline) makes thousands of atomic adds to one row, and XLA lowers
+  low-precision atomic adds to compare-and-swap retry loops (openxla/xla#26371).  Here the rows
+  are summed by `sorted_segment_sum`, one store per distinct token, whatever the distribution.
+  """
+  return _lookup(table.shape, table.dtype, jnp.dtype(dtype), table, tokens)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _lookup(table_shape, table_dtype, dtype, table, tokens):
+  del table_shape, table_dtype
+  return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+def _lookup_fwd(table_shape, table_dtype, dtype, table, tokens):
+  return _lookup(table_shape, table_dtype, dtype, table, tokens), tokens
+
+
+def _lookup_bwd(table_shape, table_dtype, dtype, tokens, cotangent):
+  del dtype
+  vocab, features = table_shape
+  rows = cotangent.reshape(-1, features).astype(jnp.float32)
+  return sorted_segment_sum(rows, tokens.reshape(-1), vocab).astype(table_dtype), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def sorted_segment_sum(rows: jax.Array, ids: jax.Array, num_segments: int) -> jax.Array:
+  """``out[v] = sum of rows[i] with ids[i] = v`` ([num_segments, d]), without atomic adds.
+
+  Sort by id, take each run of equal ids' sum with a segmented inclusive scan (the operator
+  ``(s1, x1) . (s2, x2) = (s1 | s2, x2 if s2 else x1 + x2)``, s marking a run's first row), and
+  store each run's last partial sum at its id.  Ids outside ``[0, num_segments)`` are dropped.
+  """
+  order = jnp.argsort(ids)
+  ids, rows = ids[order], rows[order]
+  changes = ids[1:] != ids[:-1]
+  starts = jnp.concatenate([jnp.ones((1,), bool), changes])
+  ends = jnp.concatenate([changes, jnp.ones((1,), bool)])
+
+  def combine(left, right):
+    (left_start, left_sum), (right_start, right_sum) = left, right
+    return left_start | right_start, jnp.where(
+      right_start[:, None], right_sum, left_sum + right_sum
+    )
+
+  _, run_sums = jax.lax.associative_scan(combine, (starts, rows))
+  # Rows that end no run get distinct out-of-range targets, so the indices really are unique.
+  targets = jnp.where(ends, ids, num_segments + jnp.arange(ids.shape[0]))
+  out = jnp.zeros((num_segments, rows.shape[-1]), rows.dtype)
+  return out.at[targets].set(run_sums, mode="drop", unique_indices=True)
+
+
+def head_logits(config: ModelConfig, hidden: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The output head: ``hidden @ kernel`` with ``config.dtype`` operands, float32 logits."""
+  return jax.lax.dot_general(
+    hidden.astype(config.dtype),
+    kernel.astype(config.dtype),
+    (((hidden.ndim - 1,), (0,)), ((), ())),
+    preferred_element_type=jnp.float32,
+  )
+
+
+class Embed(nn.Module):
+  """Token embedding ``(vocab, d)``, N(0, 1) init, looked up by `embedding_lookup`."""
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     cfg = self.config
+    table = self.param(
+      "embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model), cfg.param_dtype
+    )
+    return embedding_lookup(table, tokens, cfg.dtype)
+
+
+class Head(nn.Module):
+  """Untied output head ``(d, vocab)``: truncated normal init, std d^-1/2, cut at 3 std."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.kernel = self.param(
+      "kernel",
+      nn.initializers.truncated_normal(cfg.d_model**-0.5, lower=-3.0, upper=3.0),
+      (cfg.d_model, cfg.vocab_size),
+      cfg.param_dtype,
+    )
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    return head_logits(self.config, hidden, self.kernel)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM: int32 tokens [B, T] -> fp32 logits [B, T, vocab]; T <= max_seq_len.
+
+  With ``return_hidden=True`` it returns ``(hidden, head_kernel)`` instead: the final normed
+  activations [B, T, d] and the head's kernel, for a loss that forms the logits itself (in
+  chunks, `loss.chunked_cross_entropy`) rather than holding all of them.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, return_hidden: bool = False):
+    cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq_len], got shape {tokens.shape}")
     if tokens.shape[1] > cfg.max_seq_len:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
-    x = nn.Embed(
-      cfg.vocab_size,
-      cfg.d_model,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      embedding_init=nn.initializers.normal(1.0),
-      name="embedding",
-    )(tokens)
+    x = Embed(cfg, name="embedding")(tokens)
     block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
     if cfg.scan_layers:
       layers = nn.scan(
@@ -228,16 +329,10 @@ class Transformer(nn.Module):
       for i in range(cfg.num_layers):
         x, _ = block(cfg, name=f"layers_{i}")(x, None)
     x = _rms_norm(cfg, "final_norm")(x)
-    head = nn.Dense(
-      cfg.vocab_size,
-      use_bias=False,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      kernel_init=nn.initializers.truncated_normal(cfg.d_model**-0.5, lower=-3.0, upper=3.0),
-      dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
-      name="head",
-    )
-    return head(x).astype(jnp.float32)
+    head = Head(cfg, name="head")
+    if return_hidden:
+      return x, head.kernel
+    return head(x)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 1) -> dict:

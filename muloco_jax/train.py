@@ -31,6 +31,7 @@ from muloco_jax import config as config_lib
 from muloco_jax import data as data_lib
 from muloco_jax import diloco as diloco_lib
 from muloco_jax import layout
+from muloco_jax import loss as loss_lib
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import model as model_lib
 from muloco_jax import fragments as fragments_lib
@@ -51,6 +52,7 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.
       max_seq_len=config.model.max_seq_len,
       scan_layers=config.model.scan_layers,
       remat=config.model.remat,
+      loss_chunk_len=config.model.loss_chunk_len,
       dtype=jnp.dtype(config.model.dtype),
       **config_lib.model_overrides(config),
     )
@@ -58,17 +60,14 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.
 
 
 def make_loss_fn(model: model_lib.Transformer):
-  """Mean next-token cross-entropy (nats per token) of a batch {inputs, targets}."""
+  """Mean next-token cross-entropy (nats per token) of a batch {inputs, targets}, with the
+  logits formed `model.config.loss_chunk_len` positions at a time (`loss.chunked_cross_entropy`)."""
 
   def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
-    # The target's logit by a masked sum over the vocabulary, not a gather: elementwise along
-    # the vocabulary, it partitions like the logits.  (The TPU partitioner turns the gather of
-    # `softmax_cross_entropy_with_integer_labels` on worker-split batches into an all-to-all
-    # across workers.)
-    vocab = jnp.arange(logits.shape[-1])
-    target = jnp.sum(jnp.where(vocab == batch["targets"][..., None], logits, 0.0), axis=-1)
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target)
+    hidden, head_kernel = model.apply({"params": params}, batch["inputs"], return_hidden=True)
+    return loss_lib.chunked_cross_entropy(
+      model.config, hidden, head_kernel, batch["targets"], chunk_len=model.config.loss_chunk_len
+    )
 
   return loss_fn
 
