@@ -28,8 +28,9 @@ setuptools.setup(
     "numpy",
   ],
   extras_require={
-    # Compiling for TPU topologies on any host (`python -m muloco_jax.aot`): the libtpu that
-    # jax 0.10.2's own `jax[tpu]` extra names.
+    # Compiling for TPU topologies on any host (`python -m muloco_jax.aot`, the planner tests):
+    # the libtpu that jax 0.10.2's own `jax[tpu]` extra names.  Not in `test`: once installed,
+    # every jax start off a TPU host logs libtpu's failed initialisation unless JAX_PLATFORMS is set.
     "tpu": ["libtpu==0.0.42.*"],
     "test": [
       "pytest",
@@ -38,7 +39,6 @@ setuptools.setup(
       "nbformat",
       "ipykernel",
       "ruff==0.17.6",
-      "libtpu==0.0.42.*",  # tests/test_aot.py (the `tpu` extra)
     ],
   },
 )
