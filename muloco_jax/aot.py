@@ -9,12 +9,16 @@ sharding the run would give it, so nothing is allocated.  The programs are the o
 `sharding.mesh_for_workers` over the topology's devices, `programs` of `muloco_jax.runtime`):
 
   diloco.num_workers = 0   `train_step` (data parallelism, FSDP over the `fsdp` axis);
-  diloco.num_workers = K   `inner_step` (all K workers) and `outer_sync` (fragment 0);
-                           with diloco.overlap_steps > 0 also `overlapped_step`, the inner
-                           step that runs fragment 0's exchange beside it.
+  diloco.num_workers = K   `inner_step` (all K workers) and `outer_sync` of each fragment
+                           (`outer_sync[f]` with several); with diloco.overlap_steps > 0
+                           every `overlapped_step[exchange f, adopt g]` the sync schedule of
+                           train.num_steps brings (the inner step with the exchanges and
+                           adoptions due beside it) and the final step's `adoption[f]`;
+  and for both             `init` (a fresh run's state from its parameters) and `eval_step`.
 
-It also prints the train state's bytes on the fullest device (`sharding.state_bytes_per_device`,
-from the shardings alone) beside those of a layout with every leaf replicated.
+`restore` is a resume's peak: orbax reads the checkpoint straight into the state's layout, so
+it holds the train state's bytes on the fullest device (`sharding.state_bytes_per_device`, from
+the shardings alone), printed beside those of a layout with every leaf replicated.
 
 For each it prints the compiler's per-device memory (`Compiled.memory_analysis()`): arguments,
 outputs, aliased (donated) bytes, temporaries, generated code and the peak, against the HBM of one
@@ -36,8 +40,8 @@ The model's vocabulary comes from the config without loading data: `data.tokeniz
 the first run, `data.vocab_size` pieces) the `model.size` preset's vocabulary is used: Llama-3's
 128256 for the paper sizes, the vocabulary the paper trains them with.
 
-The last line of stdout is JSON: {"fits", "peak_bytes_per_device", "hbm_bytes", "topology",
-"programs": {name: {...}}}.  The exit status is 1 when a program does not fit (stderr says what
+The last line of stdout is JSON: {"fits", "peak_bytes_per_device" (the maximum over the
+programs and the restore), "hbm_bytes", "topology", "programs": {name: {...}}}.  The exit status is 1 when a program does not fit (stderr says what
 to change), and bad flags or settings fail before anything is compiled, naming the setting.
 """
 
@@ -172,8 +176,21 @@ def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh, dict
     config, train.make_loss_fn(model), train.make_optimizer(config), param_shapes, mesh
   )
   tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32)
-  jobs = algorithm.programs(param_shapes, {"inputs": tokens, "targets": tokens})
-  return jobs, mesh, algorithm.abstract_state(param_shapes)
+  jobs = algorithm.programs(
+    param_shapes, {"inputs": tokens, "targets": tokens}, config.train.num_steps
+  )
+  state = algorithm.abstract_state(param_shapes)
+  eval_tokens = jax.ShapeDtypeStruct(
+    (config.train.eval_batch_size or config.train.batch_size, config.data.seq_len),
+    jnp.int32,
+    sharding=sharding.rows_over_devices(mesh),
+  )
+  # `train.make_evaluate`'s program: the loss of the state's parameters, where they lie.
+  jobs["eval_step"] = (
+    jax.jit(train.make_loss_fn(model)),
+    (algorithm.params(state), {"inputs": eval_tokens, "targets": eval_tokens}),
+  )
+  return jobs, mesh, state
 
 
 def _shape_bytes(text: str) -> int:
@@ -400,12 +417,15 @@ def main(argv):
     f"({total / GIB:.2f} GiB if every device held all of it: {state_bytes / total:.4f}x)",
     flush=True,
   )
-  report = {}
+  # A resume restores the state straight into its layout (`train.train_and_evaluate`): it holds
+  # the state and nothing else.
+  report = {"restore": {"fits": state_bytes <= hbm, "peak_bytes": state_bytes}}
+  print(f"restore: peak {state_bytes / GIB:.2f} GiB of {hbm / GIB:.2f} GiB per device", flush=True)
   for name, (fn, args) in jobs.items():
     result = compile_program(fn, args, hbm)
     hlo = result.pop("hlo", None)
     if hlo is not None:
-      rows = [{getattr(d, "slice_index", 0) for d in row} for row in mesh.devices]
+      rows = [{sharding.slow_link_group(d) for d in row} for row in mesh.devices]
       dcn_crosses_workers = all(len(r) == 1 for r in rows) and len(set().union(*rows)) > 1
       result.update(collectives(hlo, mesh.shape[sharding.FSDP_AXIS], dcn_crosses_workers))
     report[name] = result

@@ -107,7 +107,7 @@ class DataParallel(_Layout):
   def __init__(self, loss_fn, tx: optax.GradientTransformation, mesh: Mesh):
     self.mesh, self._tx = mesh, tx
     self._step_fn = diloco.optimizer_step(loss_fn, tx)
-    self.batch_sharding = jax.NamedSharding(mesh, P(sharding.AXES))
+    self.batch_sharding = sharding.rows_over_devices(mesh)
 
   def _build(self, param_shapes):
     mesh, tx = self.mesh, self._tx
@@ -153,11 +153,16 @@ class DataParallel(_Layout):
     state, metrics = self._step(state, batch)
     return state, metrics, []
 
-  def programs(self, param_shapes: PyTree, global_batch: dict) -> dict:
-    """{name: (jitted function, abstract arguments)}; ``global_batch``: ShapeDtypeStructs."""
+  def programs(self, param_shapes: PyTree, global_batch: dict, num_steps: int = 1) -> dict:
+    """{name: (jitted function, abstract arguments)} of every program a run executes: ``init``
+    (a fresh run) and ``train_step``; ``global_batch``: ShapeDtypeStructs."""
+    del num_steps  # every step runs the same program
     state = self.abstract_state(param_shapes)
     batch = _abstract(global_batch, {n: self.batch_sharding for n in global_batch})
-    return {"train_step": (self._step, (state, batch))}
+    return {
+      "init": (self._init, (_abstract(param_shapes, self.init_sharding),)),
+      "train_step": (self._step, (state, batch)),
+    }
 
   @staticmethod
   def params(state):
@@ -380,12 +385,17 @@ class DiLoCo(_Layout):
       out_shardings=(self.state_sharding, self.active_sharding, replicated, self.active_sharding),
     )
 
-  def programs(self, param_shapes: PyTree, global_batch: dict) -> dict:
-    """{name: (jitted function, abstract arguments)} of the inner step, the (first) outer sync
-    and, with overlap, the inner step that runs fragment 0's exchange; ``global_batch``:
+  def programs(
+    self, param_shapes: PyTree, global_batch: dict, num_steps: int | None = None
+  ) -> dict:
+    """{name: (jitted function, abstract arguments)} of every program ``train_step`` runs in
+    ``num_steps`` steps (default: a sync period and the final step), and ``init`` (a fresh
+    run): ``inner_step`` (a step without syncs), ``outer_sync[f]`` per fragment synced, and with
+    overlap each ``overlapped_step[exchange f, adopt g]`` the schedule brings and the final
+    step's ``adoption[f]`` (fragment numbers only with several); ``global_batch``:
     ShapeDtypeStructs of ``[B, ...]`` rows."""
     state = self.abstract_state(param_shapes)
-    k = self.num_workers
+    k, schedule = self.num_workers, self.schedule
     batch = _abstract(
       {
         n: jax.ShapeDtypeStruct((k, x.shape[0] // k) + x.shape[1:], x.dtype)
@@ -394,18 +404,28 @@ class DiLoCo(_Layout):
       {n: self.batch_sharding for n in global_batch},
     )
     active = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self.active_sharding)
-    programs = {
-      "inner_step": (self._inner_step, (state, batch)),
-      "outer_sync": (self._outer_syncs[0], (state, active)),
-    }
-    if self.schedule.overlap_steps:
-      # The step after fragment 0's sync: its exchange beside the inner step (and, for tau = 1,
-      # the adoption after it).
-      adopted = (0,) if self.schedule.overlap_steps == 1 else ()
-      programs["overlapped_step"] = (
-        self._overlapped,
-        ((0,), adopted, state, batch, active, active),
-      )
+    fragment = lambda name, f, form="{}[{}]": (
+      name if len(self.fragments) == 1 else form.format(name, f)
+    )
+    programs = {"init": (self._init, (_abstract(param_shapes, self.init_sharding),))}
+    # Every step after the first adoption repeats one H steps earlier: the steps up to then,
+    # a period and the final step bring every combination.
+    period_end = schedule.sync_every + schedule.overlap_steps + 1
+    num_steps = num_steps or period_end
+    for step in [*range(1, min(num_steps, period_end)), num_steps]:
+      final = step == num_steps
+      if schedule.overlap_steps:
+        exchanged, adopted = tuple(schedule.exchanged(step)), tuple(schedule.adopted(step))
+        parts = [fragment("exchange", f, "{} {}") for f in exchanged]
+        parts += [fragment("adopt", f, "{} {}") for f in adopted]
+        name = f"overlapped_step[{', '.join(parts)}]" if parts else "inner_step"
+        programs[name] = (self._overlapped, (exchanged, adopted, state, batch, active, active))
+        for _, f in schedule.in_flight(step) if final else ():
+          programs[fragment("adoption", f)] = (self._adoptions[f], (state, active))
+      else:
+        programs["inner_step"] = (self._inner_step, (state, batch))
+      for f in schedule.synced_at_once(step, final):
+        programs[fragment("outer_sync", f)] = (self._outer_syncs[f], (state, active))
     return programs
 
   def batch_rows(self, global_batch_size: int) -> np.ndarray:

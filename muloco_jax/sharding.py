@@ -243,6 +243,11 @@ def state_specs(state: PyTree, params: PyTree, param_specs: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(spec_of, state)
 
 
+def rows_over_devices(mesh: Mesh) -> NamedSharding:
+  """A batch's rows split over every device of the mesh (data parallelism, evaluation)."""
+  return NamedSharding(mesh, P(AXES))
+
+
 def named(mesh: Mesh, specs: PyTree) -> PyTree:
   """NamedShardings of a tree of PartitionSpecs."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
@@ -382,6 +387,15 @@ def bytes_per_device(tree: PyTree) -> dict:
         len(range(*s.indices(n))) for s, n in zip(index, x.shape)
       )
   return dict(held)
+
+
+def live_bytes_per_device() -> int:
+  """The bytes of every live array on this process's fullest device."""
+  held = collections.Counter()
+  for x in jax.live_arrays():
+    for shard in x.addressable_shards:
+      held[shard.device] += shard.data.nbytes
+  return max(held.values(), default=0)
 
 
 def state_bytes_per_device(tree: PyTree) -> int:

@@ -55,7 +55,7 @@ def run(method):
       state, algorithm.place_batch(local, BATCH), step, step == STEPS
     )
     losses.append(multihost_utils.process_allgather(metrics["train_loss"], tiled=True))
-  eval_sharding = jax.NamedSharding(mesh, jax.P(sharding.AXES))
+  eval_sharding = sharding.rows_over_devices(mesh)
   eval_rows = sharding.rows_held(eval_sharding, (BATCH,))
   eval_batch = {
     k: sharding.place_rows(v[eval_rows], eval_sharding, v.shape)

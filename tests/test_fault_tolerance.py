@@ -48,7 +48,7 @@ def _deterministic(records):
     {
       k: v
       for k, v in r.items()
-      if k not in ("step_time", "tokens_per_sec", "state_bytes_per_device")
+      if k not in ("step_time", "tokens_per_sec", "state_bytes_per_device", "live_bytes_per_device")
     }
     for r in records
   ]

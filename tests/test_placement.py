@@ -12,8 +12,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from muloco_jax import runtime, sharding
 
@@ -60,7 +58,7 @@ def test_every_process_places_its_rows(topology, num_workers):
   algorithm = runtime.DiLoCo(None, optax.sgd(0.1), optax.sgd(1.0), num_workers, mesh)
   batch_size = 2 * len(devices)
   _check_every_process(algorithm.batch_sharding, (num_workers, batch_size // num_workers))
-  _check_every_process(NamedSharding(mesh, P(sharding.AXES)), (batch_size,))
+  _check_every_process(sharding.rows_over_devices(mesh), (batch_size,))
 
 
 @pytest.mark.parametrize("fsdp", [0, 4])

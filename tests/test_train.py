@@ -28,11 +28,12 @@ import pytest
 
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import model as model_lib
+from muloco_jax import sharding
 from muloco_jax import train
 from tiny_run import tiny_config
 
 # Fields that depend on the invocation (wall clock; the state bytes of its first record).
-TIMING = ("step_time", "tokens_per_sec", "state_bytes_per_device")
+TIMING = ("step_time", "tokens_per_sec", "state_bytes_per_device", "live_bytes_per_device")
 SYNC_KEYS = (
   "pseudograd_norm",
   "worker_train_loss",
@@ -224,6 +225,20 @@ def test_resume_at_another_batch_size_continues_after_the_last_example(dp_run, d
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
     data_state = manager.restore(25, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
   assert data_state["data_iterator"] == {"examples": 24 * 16 + 24}
+
+
+def test_resume_holds_the_state_once(dp_run, data_dir, tmp_path):
+  """Restored straight into the state's layout: once the state is restored, the run holds it
+  and nothing else (restored into a fresh state, it held both: 2x)."""
+  reference, _ = dp_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
+  before = sharding.live_bytes_per_device()  # what this test process holds already
+  train.train_and_evaluate(tiny_config(data_dir), workdir)
+  first = next(r for r in metrics_lib.read_metrics(workdir) if r["step"] > 16)
+  state_bytes = first["state_bytes_per_device"]
+  assert state_bytes <= first["live_bytes_per_device"] - before < 1.05 * state_bytes
 
 
 def test_older_checkpoints_count_batches_of_their_batch_size():
