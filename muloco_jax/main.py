@@ -1,7 +1,8 @@
 """Launcher: python -m muloco_jax.main --config=configs/NAME.py --workdir=DIR [--config.a.b=v].
 
-On several hosts, pass --coordinator_address, --num_processes and --process_id
-(or nothing on platforms where `jax.distributed.initialize()` finds them).
+On several hosts, pass --coordinator_address, --num_processes and --process_id, or
+--distributed where the cluster (SLURM, Open MPI, Cloud TPU, GKE) tells
+`jax.distributed.initialize()` who is who.
 """
 
 import sys
@@ -22,6 +23,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and Tensor
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "One of several processes that SLURM, Open MPI or a Cloud TPU / GKE job describes: "
+  "jax.distributed.initialize() reads who is who from there (README: Running on a cluster).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,7 +38,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # library INFO and progress bars only on request
     logging.set_verbosity(logging.WARNING)
     tfds.disable_progress_bar()
-  if _COORDINATOR.value is not None:
+  if _COORDINATOR.value is not None or _DISTRIBUTED.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no-op elsewhere
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
