@@ -31,9 +31,9 @@ def run(workdir, *flags, devices=2, env=None, timeout=600) -> subprocess.Complet
   return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start(workdir, *flags, devices=2) -> subprocess.Popen:
+def start(workdir, *flags, devices=2, env=None) -> subprocess.Popen:
   """Starts the launcher; stdout and stderr merged into one pipe."""
-  argv, env = _command(workdir, devices, flags, None)
+  argv, env = _command(workdir, devices, flags, env)
   return subprocess.Popen(
     argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )

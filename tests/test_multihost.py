@@ -134,3 +134,29 @@ def test_launcher_on_several_processes_matches_one(tmp_path, layout, method):
       if key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
   assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "20")
+
+
+@pytest.mark.slow  # ~1 min: the launcher on two processes
+def test_distributed_reads_the_cluster_from_slurm(tmp_path):
+  """`--distributed` under the variables SLURM sets for two tasks on one node: the processes
+  find each other through jax.distributed.initialize() alone, and only process 0 reports."""
+  flags = [f"--config.data.dir={tmp_path / 'data'}", *OVERRIDES, "--distributed"]
+  slurm = {
+    "SLURM_JOB_ID": "1",
+    "SLURM_STEP_NODELIST": "localhost",
+    "SLURM_NTASKS": "2",
+    "JAX_COORDINATOR_PORT": str(_free_port()),
+  }
+  outputs = _wait(
+    [
+      launcher.start(
+        tmp_path / "run",
+        *flags,
+        devices=4,
+        env=dict(slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+      )
+      for i in range(2)
+    ]
+  )
+  assert [f"Finished 20 steps in {tmp_path / 'run'}" in out for out in outputs] == [True, False]
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "20")
