@@ -114,6 +114,10 @@ def topology_devices(name: str, num_slices: int) -> list:
   if num_slices < 1:
     raise ValueError(f"--num_slices={num_slices} must be >= 1.")
   dims = (dims + [1, 1])[:3]
+  # Describing and compiling take no TPU: libtpu may load beside another process holding it (a
+  # training run, another check), and there are no TPU workers to look up (it would log errors).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   if generation.lower() in _SINGLE_HOST_8 and math.prod(dims) <= 8:
     host = tuple(dims)
   else:
@@ -388,10 +392,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   jax.config.update("jax_platforms", "cpu")  # this host only traces; libtpu compiles
-  # Compiling takes no TPU: libtpu may load beside another process holding it (a training run,
-  # another check), and there are no TPU workers to look up (it would log errors).
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   config, topology = _CONFIG.value, _TOPOLOGY.value
   try:
     config_lib.validate(config)
