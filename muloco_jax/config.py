@@ -52,6 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 2
   c.train.progress_bar = True  # only drawn on a terminal
+  # "START:END": a jax.profiler trace of steps START..END-1 (e.g. "20:25": steps 20-24) in
+  # WORKDIR/profile, for TensorBoard's profile plugin or Perfetto (see the README); "" = off.
+  # A run resumed after START traces nothing.
+  c.train.profile_steps = ""
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | muon | sgd
@@ -152,6 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "keep_checkpoints",
   ):
     _check(config.train[key] >= 1, f"train.{key}", config.train[key], "must be >= 1")
+  profile_steps(config)  # validates train.profile_steps
   _check(
     config.optimizer.name in OPTIMIZERS,
     "optimizer.name",
@@ -295,6 +300,26 @@ def drop_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int, flo
     _check(item[1] < item[2], "diloco.drop_workers", spec, f"has an empty window in {entry!r}")
     schedule.append(item)
   return schedule
+
+
+def profile_steps(config: ml_collections.ConfigDict) -> range:
+  """The steps `train.profile_steps` ("START:END") traces, range(START, END); empty when ""."""
+  spec, num_steps = config.train.profile_steps.strip(), config.train.num_steps
+  if not spec:
+    return range(0)
+  try:
+    start, end = (int(s) for s in spec.split(":"))
+  except ValueError:
+    raise ValueError(
+      f"train.profile_steps={spec!r} is not START:END (steps START..END-1, e.g. '20:25')."
+    ) from None
+  _check(
+    1 <= start < end <= num_steps + 1,
+    "train.profile_steps",
+    spec,
+    f"must have 1 <= START < END <= train.num_steps + 1 = {num_steps + 1} (END is excluded)",
+  )
+  return range(start, end)
 
 
 def _check(ok: bool, name: str, value, why: str) -> None:

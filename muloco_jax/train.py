@@ -447,6 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return current
 
   timer_step, timer_start = start_step, time.perf_counter()
+  profiled = config_lib.profile_steps(config)
   batch = algorithm.place_batch(next(iterator), tc.batch_size)
   with Preemption() as preemption, contextlib.ExitStack() as cleanup:
     # On any exit, exceptions included: finish the checkpoint saves already started.
@@ -454,11 +455,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cleanup.callback(checkpointer.close)
     cleanup.callback(checkpointer.wait)
     cleanup.callback(console.close)
+    # Open while the profiler records `profiled`: closed after its last step or on any exit.
+    tracing = cleanup.enter_context(contextlib.ExitStack())
     for step in range(start_step + 1, tc.num_steps + 1):
       final = step == tc.num_steps
       log_step = step % tc.log_every == 0 or final
       eval_step = step % tc.eval_every == 0 or final
       save_step = step % tc.checkpoint_every == 0 or final
+      if step == profiled.start:
+        jax.block_until_ready(state)  # earlier steps stay out of the trace
+        jax.profiler.start_trace(os.path.join(workdir, "profile"), create_perfetto_trace=True)
+        tracing.callback(jax.profiler.stop_trace)
       state, metrics, syncs = algorithm.train_step(state, batch, step, final)
       data_state = iterator.get_state()  # the position after this step's batch
       if not final:  # prepare the next batch while the device runs this step
@@ -497,6 +504,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
       if preempted:
         break
+      if step == profiled.stop - 1:
+        jax.block_until_ready(state)
+        tracing.close()  # writes the trace
       if log_step or step == start_step + 1:
         jax.block_until_ready(state)  # time the next window without compilation, eval or saves
         timer_step, timer_start = step, time.perf_counter()
