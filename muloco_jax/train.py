@@ -236,6 +236,17 @@ def check_resumable_schedule(saved: dict | None, config: ml_collections.ConfigDi
     )
 
 
+def examples_consumed(data_state: dict, saved_config: dict | None, config) -> int:
+  """Where a checkpoint's data iterator stands: the examples its run had read, whatever its
+  batch size (a run resumed with another `train.batch_size` continues right after them).
+  Older checkpoints count batches, of the `train.batch_size` in the config saved beside them
+  (`saved_config`; without one, this run's)."""
+  if "examples" in data_state:
+    return int(data_state["examples"])
+  batch_size = (saved_config or {}).get("train.batch_size", config.train.batch_size)
+  return int(data_state["step"]) * batch_size
+
+
 def fetch(tree):
   """Host copies of metric arrays, gathering those split across processes (per-worker ones)."""
 
@@ -269,12 +280,12 @@ def _sync_record(syncs: list[dict]) -> dict:
 def make_evaluate(loss_fn, mesh, data: data_lib.LMData, config: ml_collections.ConfigDict):
   """evaluate(params) -> {eval_loss, eval_perplexity} over train.eval_steps batches."""
   batch_size = config.train.eval_batch_size or config.train.batch_size
-  rows = jax.NamedSharding(mesh, jax.P(sharding.AXES))
+  rows = sharding.rows_over_devices(mesh)
   eval_loss = jax.jit(loss_fn)  # the params keep the state's sharding
 
   def evaluate(params):
     iterator = data.eval_iterator(
-      batch_size, jax.process_index(), jax.process_count(), num_steps=config.train.eval_steps
+      batch_size, sharding.rows_held(rows, (batch_size,)), num_steps=config.train.eval_steps
     )
     losses = [
       eval_loss(
@@ -372,11 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loss_fn = make_loss_fn(model)
   tx = make_optimizer(config)
   schedule = make_schedule(config.optimizer, tc.num_steps)
-  # Jitted: eager init would compile every op of every layer's initialiser separately.
-  init_params = jax.jit(functools.partial(model_lib.init_params, model.config))
+  init_params = functools.partial(model_lib.init_params, model.config)
   rng = jax.random.key(config.seed)
-  algorithm = make_algorithm(config, loss_fn, tx, jax.eval_shape(init_params, rng), mesh)
-  state = algorithm.init(init_params(rng))
+  param_shapes = jax.eval_shape(init_params, rng)
+  algorithm = make_algorithm(config, loss_fn, tx, param_shapes, mesh)
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpoint_lib.Checkpointer(
@@ -387,30 +397,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     # Before anything under the workdir changes: a checkpoint of another state layout (model
     # size, K, optimizer...) raises IncompatibleCheckpointError here, leaving it all in place.
-    restored = checkpointer.restore_latest(state, config)
+    # Restored straight into the state's layout: no other copy of the state is allocated, so a
+    # resume fits wherever training does.
+    restored = checkpointer.restore_latest(algorithm.abstract_state(param_shapes), config)
   except BaseException:
     checkpointer.close()
     raise
+  if restored is None:
+    # Jitted (eager init would compile every op of every layer's initialiser separately), and
+    # laid out as the state holds them (not whole on one device).
+    state = algorithm.init(jax.jit(init_params, out_shardings=algorithm.init_sharding)(rng))
+  live_bytes = sharding.live_bytes_per_device()  # the state, restored or initialised, alone
+  start_step, comm_bytes_total = 0, 0.0
   if restored is not None:
     try:
       check_resumable_schedule(restored[2].get("sync_schedule"), config, restored[0])
     except ValueError:
       checkpointer.close()
       raise
-  checkpointer.write_config(config)
-  iterator = data.train_iterator(
-    tc.batch_size, config.seed, jax.process_index(), jax.process_count()
-  )
-  start_step, comm_bytes_total = 0, 0.0
-  if restored is not None:
     start_step, state, meta = restored
-    iterator.set_state(meta["data_iterator"])
+  saved_config = checkpointer.saved_config()  # before this run's replaces it
+  checkpointer.write_config(config)
+  iterator = data.train_iterator(tc.batch_size, config.seed, algorithm.batch_rows(tc.batch_size))
+  if restored is not None:
+    iterator.set_state({"examples": examples_consumed(meta["data_iterator"], saved_config, config)})
     comm_bytes_total = meta["comm_bytes_total"]
     logging.info("Resumed from the checkpoint at step %d.", start_step)
   writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
   writer.truncate_after(start_step)
   # Goes into the first record this run writes.
-  first_record = {"state_bytes_per_device": sharding.state_bytes_per_device(state)}
+  first_record = {
+    "state_bytes_per_device": sharding.state_bytes_per_device(state),
+    "live_bytes_per_device": live_bytes,
+  }
 
   def write(logged_step: int, host_record: dict) -> None:
     writer.write(logged_step, {**host_record, **first_record})
