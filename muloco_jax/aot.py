@@ -189,9 +189,8 @@ def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh, dict
     jnp.int32,
     sharding=sharding.rows_over_devices(mesh),
   )
-  # `train.make_evaluate`'s program: the loss of the state's parameters, where they lie.
   jobs["eval_step"] = (
-    jax.jit(train.make_loss_fn(model)),
+    train.make_eval_step(train.make_loss_fn(model), mesh),
     (algorithm.params(state), {"inputs": eval_tokens, "targets": eval_tokens}),
   )
   return jobs, mesh, state

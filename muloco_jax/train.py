@@ -277,11 +277,24 @@ def _sync_record(syncs: list[dict]) -> dict:
 # Evaluation and the loop.
 
 
+def make_eval_step(loss_fn, mesh: jax.sharding.Mesh):
+  """The jitted loss of the state's parameters on a batch whose rows are split over every
+  device.  The parameters take one worker's FSDP layout first (`sharding.like_one_worker`),
+  as in training: from the shared layout XLA gathered a scanned model's whole stack at once
+  (15b MuLoCo K=2 on a v5p-128: 38 GiB a chip; 2.3 so, under the inner step's 11)."""
+
+  def eval_loss(params, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return loss_fn(sharding.like_one_worker(params), batch)
+
+  return jax.jit(eval_loss)
+
+
 def make_evaluate(loss_fn, mesh, data: data_lib.LMData, config: ml_collections.ConfigDict):
   """evaluate(params) -> {eval_loss, eval_perplexity} over train.eval_steps batches."""
   batch_size = config.train.eval_batch_size or config.train.batch_size
   rows = sharding.rows_over_devices(mesh)
-  eval_loss = jax.jit(loss_fn)  # the params keep the state's sharding
+  eval_loss = make_eval_step(loss_fn, mesh)
 
   def evaluate(params):
     iterator = data.eval_iterator(
