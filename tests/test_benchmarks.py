@@ -142,6 +142,7 @@ def test_harness_tables_warn_of_a_slow_pipeline_and_refuse_an_impossible_mfu(cap
     train_step.print_harness_tables([("DP muon", _result())], 1e9, "kjv")
 
 
+@pytest.mark.slow  # the command line end to end (~25 s); the MFU guard is tested above
 def test_benchmark_prints_tables_1_and_2(tmp_path):
   env = dict(
     os.environ,
