@@ -21,7 +21,6 @@ import os
 import shutil
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -45,27 +44,7 @@ SYNC_KEYS = (
 BYTE_VOCAB = 257  # 256 bytes + EOS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(tmp_path_factory):
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  saved = {name: jax.config.values[name] for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data"))  # kjv is built (byte tokens) by the first run
+pytestmark = pytest.mark.usefixtures("shared_compilation_cache")
 
 
 def _muloco_config(data_dir):
