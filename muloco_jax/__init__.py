@@ -10,20 +10,25 @@ import importlib
 
 from muloco_jax.compression import (
   CompressionSpec,
+  TreeCodec,
   compressed_nbytes,
   decode,
   encode,
-  error_feedback_tree,
   pack_bits,
   unpack_bits,
 )
 from muloco_jax.diloco import (
+  AllGatherAverageState,
   Averager,
   DiLoCoState,
+  ErrorFeedback,
+  ReduceScatterAverageState,
+  all_gather_average,
   compressed_average,
   mean_average,
   outer_optimizer,
   pseudogradient,
+  reduce_scatter_average,
 )
 from muloco_jax.fragments import split_into_fragments
 from muloco_jax.runtime import DataParallel, DiLoCo

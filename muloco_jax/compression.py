@@ -4,7 +4,7 @@ MuLoCo (arXiv 2505.23725) lets every worker compress its pseudogradient
 ``delta_k = theta_ref - theta_k`` before the workers exchange them. This module holds the
 compressors the paper studies, written as pure, jittable ``jax.numpy`` functions on one
 tensor (they work under ``jax.jit``, ``jax.vmap`` over a leading worker axis and inside
-``shard_map``), plus pytree-level helpers.
+``shard_map``), and ``TreeCodec``, which applies them to a pytree.
 
 Compressors (``CompressionSpec.kind``), with ``n_bins = 2**bits``, bits in {1, 2, 4, 8}:
 
@@ -30,8 +30,8 @@ Compressors (``CompressionSpec.kind``), with ``n_bins = 2**bits``, bits in {1, 2
 * ``"none"`` -- the tensor itself in float32.
 
 Both quantizers work per tensor or per row (``per_row=True``): the tensor is viewed as
-``(shape[0], -1)`` and every row gets its own statistics; a 0-D or 1-D tensor is one row.  The
-tree functions first move each leaf's row axis to the front (``flax_row_axis``: a Flax kernel's
+``(shape[0], -1)`` and every row gets its own statistics; a 0-D or 1-D tensor is one row.  A
+``TreeCodec`` first moves each leaf's row axis to the front (``flax_row_axis``: a Flax kernel's
 output units, the authors' rows; replaceable with ``row_axis=``).
 
 Payload format (a dict of arrays whose shapes depend only on (shape, spec), so payloads of
@@ -64,7 +64,7 @@ exact; the mean stays folded in, which saves their 4 bytes per row).
 At 8 bits a per-row table of 256 entries costs as much as a 256..512-long row of codes,
 so per-tensor statistics (``per_row=False``) are the sensible choice there.
 
-Error feedback (per worker, ``error_feedback_step``)::
+Error feedback (per worker, ``error_feedback_step``; ``TreeCodec.feedback`` on a tree)::
 
     e <- beta * e + delta;   c = C(e);   e <- e - D(c)
 
@@ -73,7 +73,7 @@ that pass ``outer_lr * delta``). Without error feedback c = C(delta) and e is un
 Excluded leaves (norm gains by default; the paper's runs also exclude the embedding and
 the output head) are sent uncompressed in float32.
 
-Stacked layers: the pytree functions see every leaf per layer (``muloco_jax.layout``). A leaf
+Stacked layers: a ``TreeCodec`` sees every leaf per layer (``muloco_jax.layout``). A leaf
 with s leading layer-stack axes (a scanned model's ``layers/...``, e.g. a kernel
 ``(L, in, out)``) is encoded as a batch of L per-layer tensors (``jax.vmap`` of ``encode`` /
 ``decode`` over the stacked axes): rows, per-tensor statistics and top-k's k are those of
@@ -118,7 +118,7 @@ class CompressionSpec:
     kind: "none", "statistical", "linear" or "topk".
     bits: bits per code for the quantizers, one of 1, 2, 4, 8.
     per_row: quantizer statistics per row of the (shape[0], -1) view instead of per tensor
-      (of each layer's tensor for a stacked leaf, its row axis first in the tree functions;
+      (of each layer's tensor for a stacked leaf, its row axis first in a ``TreeCodec``;
       see the module docstring).
     topk_fraction: fraction of entries top-k keeps, in (0, 1].
     table_dtype: storage of the statistical lookup table, "float16" (default, see the
@@ -380,7 +380,7 @@ def exclude_vectors_embedding_head(
 
 
 def _bind(exclude: ExcludeFn, stacked_axes: layout.StackedAxesFn) -> ExcludeFn:
-  """The built-in exclusion rules follow the tree function's ``stacked_axes`` rule."""
+  """The built-in exclusion rules follow the codec's ``stacked_axes`` rule."""
   if exclude in (exclude_vectors, exclude_vectors_embedding_head):
     return lambda path, leaf: exclude(path, leaf, stacked_axes=stacked_axes)
   return exclude
@@ -435,122 +435,6 @@ class _Leaf(NamedTuple):
     return _per_layer(fn, self.num_stacked)
 
 
-def _plan(tree: Any, spec: CompressionSpec, exclude: ExcludeFn, stacked_axes, row_axis):
-  """Flattened leaves, each a ``_Leaf``, and the treedef."""
-  exclude = _bind(exclude, stacked_axes)
-  if row_axis is flax_row_axis:
-    row_axis = functools.partial(flax_row_axis, stacked_axes=stacked_axes)
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  plan = []
-  for path, leaf in path_leaves:
-    shape = layout.layer_shape(path, leaf, stacked_axes=stacked_axes)
-    leaf_spec = NO_COMPRESSION if exclude(path, leaf) else spec
-    axis = int(row_axis(path, leaf)) if shape else 0
-    if shape and not 0 <= axis < len(shape):
-      raise ValueError(
-        f"row_axis gives axis {axis} for {jax.tree_util.keystr(tuple(path))} of per-layer "
-        f"shape {shape}"
-      )
-    plan.append(_Leaf(leaf, leaf_spec, len(np.shape(leaf)) - len(shape), shape, axis))
-  return plan, treedef
-
-
-def leaf_specs(
-  tree: Any,
-  spec: CompressionSpec,
-  exclude: ExcludeFn = exclude_vectors,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-) -> Any:
-  """The spec each leaf is sent with: ``NO_COMPRESSION`` where ``exclude(path, leaf)``.
-
-  ``stacked_axes`` (the rule giving a leaf's leading layer-stack axes, see
-  ``muloco_jax.layout``) is also handed to the built-in exclusion rules; a custom ``exclude``
-  must apply its own.
-  """
-  exclude = _bind(exclude, stacked_axes)
-  return jax.tree_util.tree_map_with_path(
-    lambda p, x: NO_COMPRESSION if exclude(p, x) else spec, tree
-  )
-
-
-def compress_tree(
-  tree: Any,
-  spec: CompressionSpec,
-  exclude: ExcludeFn = exclude_vectors,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-  row_axis: RowAxisFn = flax_row_axis,
-) -> Any:
-  """Encodes every leaf; the result has ``tree``'s structure with a payload dict per leaf.
-
-  A leaf with stacked layer axes is encoded per layer (payload arrays get the stacked axes in
-  front), with its ``row_axis`` first (``flax_row_axis``: a kernel's rows are its output
-  units).  Call it per worker (under ``jax.vmap`` / ``shard_map``), so that leaf shapes are per
-  worker.
-  """
-  plan, treedef = _plan(tree, spec, exclude, stacked_axes, row_axis)
-  payloads = [
-    leaf.per_layer(lambda x, leaf=leaf: encode(leaf.rows(x), leaf.spec))(leaf.array)
-    for leaf in plan
-  ]
-  return jax.tree_util.tree_unflatten(treedef, payloads)
-
-
-def decompress_tree(
-  payloads: Any,
-  spec: CompressionSpec,
-  like: Any,
-  exclude: ExcludeFn = exclude_vectors,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-  row_axis: RowAxisFn = flax_row_axis,
-) -> Any:
-  """Inverse of ``compress_tree``; ``like`` (arrays or ShapeDtypeStructs) gives shapes and
-  dtypes (and, through its paths, the stacked layer axes and row axes)."""
-  plan, treedef = _plan(like, spec, exclude, stacked_axes, row_axis)
-
-  def decoder(leaf):
-    return lambda p: leaf.unrows(decode(p, leaf.spec, leaf.rows_shape, leaf.array.dtype))
-
-  decoded = [
-    leaf.per_layer(decoder(leaf))(payload)
-    for leaf, payload in zip(plan, treedef.flatten_up_to(payloads))
-  ]
-  return jax.tree_util.tree_unflatten(treedef, decoded)
-
-
-def roundtrip_tree(
-  tree: Any,
-  spec: CompressionSpec,
-  exclude: ExcludeFn = exclude_vectors,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-  row_axis: RowAxisFn = flax_row_axis,
-) -> Any:
-  """D(C(tree)): what the receivers reconstruct (also the authors' re-quantization after reduce)."""
-  rules = dict(stacked_axes=stacked_axes, row_axis=row_axis)
-  return decompress_tree(compress_tree(tree, spec, exclude, **rules), spec, tree, exclude, **rules)
-
-
-def tree_compressed_nbytes(
-  tree: Any,
-  spec: CompressionSpec,
-  exclude: ExcludeFn = exclude_vectors,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-  row_axis: RowAxisFn = flax_row_axis,
-) -> int:
-  """Closed-form bytes one worker sends for ``tree``: the sum over leaves and layers of
-  ``compressed_nbytes`` of the per-layer shape, row axis first."""
-  plan, _ = _plan(tree, spec, exclude, stacked_axes, row_axis)
-  return sum(
-    math.prod(np.shape(leaf.array)[: leaf.num_stacked])
-    * compressed_nbytes(leaf.rows_shape, leaf.spec)
-    for leaf in plan
-  )
-
-
 def _split_layer(x: jax.Array, num_chunks: int) -> jax.Array:
   x = jnp.reshape(x, (1,)) if x.ndim == 0 else x
   rows = -(-x.shape[0] // num_chunks)
@@ -558,58 +442,157 @@ def _split_layer(x: jax.Array, num_chunks: int) -> jax.Array:
   return x.reshape((num_chunks, rows) + x.shape[1:])
 
 
-def split_rows(
-  tree: Any,
-  num_chunks: int,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-  row_axis: RowAxisFn = flax_row_axis,
-) -> Any:
-  """Every leaf cut into ``num_chunks`` blocks of whole rows, stacked on a new leading axis.
+@dataclasses.dataclass(frozen=True)
+class TreeCodec:
+  """How a pytree is sent: every leaf with ``spec``, but the excluded ones in float32.
 
-  One layer's tensor with R rows along its ``row_axis`` (a scalar counts as one) is zero padded
-  to ``num_chunks * ceil(R / num_chunks)`` rows; chunk j holds rows ``[j r, (j + 1) r)``,
-  ``r = ceil(R / num_chunks)``, and keeps the layer's axis order.  A stacked leaf ``(L, ...)``
-  gives ``(num_chunks, L, ...)``: each chunk is again a tree of per-layer tensors with the same
-  paths, so every tree function of this module applies to it (``jax.vmap`` over the chunk
-  axis), with the same rules.  Per-row statistics of a chunk are those of the whole tensor.
-  ``join_rows`` inverts.
+  A leaf with stacked layer axes (``stacked_axes``) is encoded per layer, the payload arrays
+  carrying the stacked axes in front, and each layer with its ``row_axis`` first
+  (``flax_row_axis``: a kernel's rows are its output units).  The methods take one worker's
+  tree: call them per worker (under ``jax.vmap`` / ``shard_map``).  Hashable, so it can be a
+  static argument of ``jax.jit``.
+
+  Attributes:
+    spec: what to send for a compressed leaf.
+    exclude: ``exclude(path, leaf)`` true: the leaf is sent uncompressed
+      (``NO_COMPRESSION``).  The built-in rules (``exclude_vectors``,
+      ``exclude_vectors_embedding_head``) follow ``stacked_axes``; a custom one applies its own.
+    stacked_axes: the rule giving a leaf's leading layer-stack axes (``muloco_jax.layout``).
+    row_axis: the rule giving the per-layer axis whose entries are the quantizers' rows.
   """
-  plan, treedef = _plan(tree, NO_COMPRESSION, exclude_vectors, stacked_axes, row_axis)
 
-  def split(leaf):
-    def one_layer(x):
-      chunks = _split_layer(leaf.rows(x), num_chunks)
-      return jax.vmap(leaf.unrows)(chunks) if x.ndim else chunks
+  spec: CompressionSpec
+  exclude: ExcludeFn = exclude_vectors
+  stacked_axes: layout.StackedAxesFn = layout.stacked_axes
+  row_axis: RowAxisFn = flax_row_axis
 
-    return jnp.moveaxis(leaf.per_layer(one_layer)(leaf.array), leaf.num_stacked, 0)
+  def _plan(self, tree: Any) -> tuple[list[_Leaf], Any]:
+    """Flattened leaves, each a ``_Leaf``, and the treedef."""
+    exclude, row_axis = _bind(self.exclude, self.stacked_axes), self.row_axis
+    if row_axis is flax_row_axis:
+      row_axis = functools.partial(flax_row_axis, stacked_axes=self.stacked_axes)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    plan = []
+    for path, leaf in path_leaves:
+      shape = layout.layer_shape(path, leaf, stacked_axes=self.stacked_axes)
+      leaf_spec = NO_COMPRESSION if exclude(path, leaf) else self.spec
+      axis = int(row_axis(path, leaf)) if shape else 0
+      if shape and not 0 <= axis < len(shape):
+        raise ValueError(
+          f"row_axis gives axis {axis} for {jax.tree_util.keystr(tuple(path))} of per-layer "
+          f"shape {shape}"
+        )
+      plan.append(_Leaf(leaf, leaf_spec, len(np.shape(leaf)) - len(shape), shape, axis))
+    return plan, treedef
 
-  return jax.tree_util.tree_unflatten(treedef, [split(leaf) for leaf in plan])
+  def leaf_specs(self, tree: Any) -> Any:
+    """The spec each leaf is sent with: ``NO_COMPRESSION`` where ``exclude(path, leaf)``."""
+    plan, treedef = self._plan(tree)
+    return jax.tree_util.tree_unflatten(treedef, [leaf.spec for leaf in plan])
 
+  def compress(self, tree: Any) -> Any:
+    """C(tree): ``tree``'s structure with a payload dict per leaf."""
+    plan, treedef = self._plan(tree)
+    payloads = [
+      leaf.per_layer(lambda x, leaf=leaf: encode(leaf.rows(x), leaf.spec))(leaf.array)
+      for leaf in plan
+    ]
+    return jax.tree_util.tree_unflatten(treedef, payloads)
 
-def join_rows(
-  chunks: Any,
-  like: Any,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-  row_axis: RowAxisFn = flax_row_axis,
-) -> Any:
-  """Inverse of ``split_rows``: the chunks put back together, padding dropped; ``like``
-  (arrays or ShapeDtypeStructs) gives the leaves' shapes."""
-  plan, treedef = _plan(like, NO_COMPRESSION, exclude_vectors, stacked_axes, row_axis)
+  def decompress(self, payloads: Any, like: Any) -> Any:
+    """D(payloads), the inverse of ``compress``; ``like`` (arrays or ShapeDtypeStructs) gives
+    shapes and dtypes (and, through its paths, the stacked layer axes and row axes)."""
+    plan, treedef = self._plan(like)
 
-  def join(leaf, chunk):
-    rows = leaf.shape[leaf.axis] if leaf.shape else 1
+    def decoder(leaf):
+      return lambda p: leaf.unrows(decode(p, leaf.spec, leaf.rows_shape, leaf.array.dtype))
 
-    def one_layer(y):
-      y = jax.vmap(leaf.rows)(y) if leaf.shape else y
-      return leaf.unrows(y.reshape((-1,) + y.shape[2:])[:rows].reshape(leaf.rows_shape))
+    decoded = [
+      leaf.per_layer(decoder(leaf))(payload)
+      for leaf, payload in zip(plan, treedef.flatten_up_to(payloads))
+    ]
+    return jax.tree_util.tree_unflatten(treedef, decoded)
 
-    return leaf.per_layer(one_layer)(jnp.moveaxis(chunk, 0, leaf.num_stacked))
+  def roundtrip(self, tree: Any) -> Any:
+    """D(C(tree)): what the receivers reconstruct (also the authors' re-quantization after
+    reduce)."""
+    return self.decompress(self.compress(tree), tree)
 
-  return jax.tree_util.tree_unflatten(
-    treedef, [join(leaf, c) for leaf, c in zip(plan, treedef.flatten_up_to(chunks))]
-  )
+  def feedback(self, error: Any, tree: Any, decay: float) -> tuple[Any, Any]:
+    """One error-feedback step on every leaf (``error_feedback_step``, per layer, row axis
+    first): ``e <- decay e + x;  c = C(e);  e <- e - D(c)``.  Returns (payloads c, new e).
+
+    Excluded leaves are sent exactly, so their error stays zero.  ``error`` None: no error
+    feedback, ``(compress(tree), None)``.
+    """
+    if error is None:
+      return self.compress(tree), None
+    plan, treedef = self._plan(tree)
+
+    def step(leaf):
+      def one_layer(e, x):
+        payload, e = error_feedback_step(leaf.rows(e), leaf.rows(x), leaf.spec, decay)
+        return payload, leaf.unrows(e)
+
+      return leaf.per_layer(one_layer)
+
+    out = [step(leaf)(e, leaf.array) for e, leaf in zip(treedef.flatten_up_to(error), plan)]
+    payloads = jax.tree_util.tree_unflatten(treedef, [payload for payload, _ in out])
+    return payloads, jax.tree_util.tree_unflatten(treedef, [e for _, e in out])
+
+  def nbytes(self, tree: Any) -> int:
+    """Closed-form bytes one worker sends for ``tree``: the sum over leaves and layers of
+    ``compressed_nbytes`` of the per-layer shape, row axis first."""
+    plan, _ = self._plan(tree)
+    return sum(
+      math.prod(np.shape(leaf.array)[: leaf.num_stacked])
+      * compressed_nbytes(leaf.rows_shape, leaf.spec)
+      for leaf in plan
+    )
+
+  def relative_error(self, tree: Any) -> jax.Array:
+    """||tree - D(C(tree))|| / ||tree|| over all leaves (0 for a zero tree)."""
+    return relative_error(tree, self.roundtrip(tree))
+
+  def split_rows(self, tree: Any, num_chunks: int) -> Any:
+    """Every leaf cut into ``num_chunks`` blocks of whole rows, stacked on a new leading axis.
+
+    One layer's tensor with R rows along its ``row_axis`` (a scalar counts as one) is zero
+    padded to ``num_chunks * ceil(R / num_chunks)`` rows; chunk j holds rows
+    ``[j r, (j + 1) r)``, ``r = ceil(R / num_chunks)``, and keeps the layer's axis order.  A
+    stacked leaf ``(L, ...)`` gives ``(num_chunks, L, ...)``: each chunk is again a tree of
+    per-layer tensors with the same paths, so every method applies to it (``jax.vmap`` over the
+    chunk axis), with the same rules.  Per-row statistics of a chunk are those of the whole
+    tensor.  ``join_rows`` inverts.
+    """
+    plan, treedef = self._plan(tree)
+
+    def split(leaf):
+      def one_layer(x):
+        chunks = _split_layer(leaf.rows(x), num_chunks)
+        return jax.vmap(leaf.unrows)(chunks) if x.ndim else chunks
+
+      return jnp.moveaxis(leaf.per_layer(one_layer)(leaf.array), leaf.num_stacked, 0)
+
+    return jax.tree_util.tree_unflatten(treedef, [split(leaf) for leaf in plan])
+
+  def join_rows(self, chunks: Any, like: Any) -> Any:
+    """Inverse of ``split_rows``: the chunks put back together, padding dropped; ``like``
+    (arrays or ShapeDtypeStructs) gives the leaves' shapes."""
+    plan, treedef = self._plan(like)
+
+    def join(leaf, chunk):
+      rows = leaf.shape[leaf.axis] if leaf.shape else 1
+
+      def one_layer(y):
+        y = jax.vmap(leaf.rows)(y) if leaf.shape else y
+        return leaf.unrows(y.reshape((-1,) + y.shape[2:])[:rows].reshape(leaf.rows_shape))
+
+      return leaf.per_layer(one_layer)(jnp.moveaxis(chunk, 0, leaf.num_stacked))
+
+    return jax.tree_util.tree_unflatten(
+      treedef, [join(leaf, c) for leaf, c in zip(plan, treedef.flatten_up_to(chunks))]
+    )
 
 
 def relative_error(original: Any, decoded: Any) -> jax.Array:
@@ -620,19 +603,6 @@ def relative_error(original: Any, decoded: Any) -> jax.Array:
   err = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(originals, decodeds))
   norm = sum(jnp.sum(jnp.square(a)) for a in originals)
   return jnp.where(norm > 0, jnp.sqrt(err / jnp.where(norm > 0, norm, 1.0)), 0.0)
-
-
-def relative_compression_error(
-  tree: Any,
-  spec: CompressionSpec,
-  exclude: ExcludeFn = exclude_vectors,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-  row_axis: RowAxisFn = flax_row_axis,
-) -> jax.Array:
-  """||delta - D(C(delta))|| / ||delta|| over all leaves of the tree (0 for a zero tree)."""
-  rules = dict(stacked_axes=stacked_axes, row_axis=row_axis)
-  return relative_error(tree, roundtrip_tree(tree, spec, exclude, **rules))
 
 
 # ----------------------------------------------------------------------------- error feedback
@@ -656,40 +626,3 @@ def error_feedback_step(
   error = beta * error + delta.astype(jnp.float32)
   payload = encode(error, spec)
   return payload, error - decode(payload, spec, error.shape, jnp.float32)
-
-
-def error_feedback_tree(
-  error: Any,
-  delta: Any,
-  spec: CompressionSpec,
-  beta: float,
-  exclude: ExcludeFn = exclude_vectors,
-  use_ef: bool = True,
-  *,
-  stacked_axes: layout.StackedAxesFn = layout.stacked_axes,
-  row_axis: RowAxisFn = flax_row_axis,
-) -> tuple[Any, Any]:
-  """``error_feedback_step`` on every leaf (per layer, row axis first): returns (payload tree,
-  new error tree).
-
-  Excluded leaves are sent exactly, so their error stays zero. Without ``use_ef`` the payloads
-  are ``compress_tree(delta)`` and ``error`` is returned as it is (it may then be any
-  placeholder, e.g. ``{}``).
-  """
-  plan, treedef = _plan(delta, spec, exclude, stacked_axes, row_axis)
-  errors = treedef.flatten_up_to(error) if use_ef else [None] * len(plan)
-
-  def step(leaf):
-    def one_layer(e, d):
-      payload, e = error_feedback_step(
-        None if e is None else leaf.rows(e), leaf.rows(d), leaf.spec, beta, use_ef
-      )
-      return payload, None if e is None else leaf.unrows(e)
-
-    return leaf.per_layer(one_layer)
-
-  out = [step(leaf)(e, leaf.array) for e, leaf in zip(errors, plan)]
-  payloads = jax.tree_util.tree_unflatten(treedef, [payload for payload, _ in out])
-  if not use_ef:
-    return payloads, error
-  return payloads, jax.tree_util.tree_unflatten(treedef, [e for _, e in out])

@@ -25,6 +25,7 @@ cross-worker traffic.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -42,12 +43,13 @@ LossFn = Callable[[PyTree, dict], jax.Array]
 
 class Averager(NamedTuple):
   """How workers agree on one pseudogradient, optax style (``mean_average``,
-  ``compressed_average``).
+  ``all_gather_average``, ``reduce_scatter_average``).
 
-  ``init(params, num_workers) -> state``: the averager's own state, a dict of named buffers
-  (``{}`` for none), each a tree with the top-level keys of ``params`` (streaming DiLoCo hands
-  ``update`` one fragment's part of each) whose leaves all have a leading axis of size K: the
-  worker, or the owner of a chunk, that holds that slice (e.g. error-feedback buffers).
+  ``init(params, num_workers) -> state``: the averager's own state, a NamedTuple of buffers
+  (``optax.EmptyState()`` for none; a buffer its settings leave out is None), each a tree with
+  the top-level keys of ``params`` (streaming DiLoCo hands ``update`` one fragment's part of
+  each) whose leaves all have a leading axis of size K: the worker, or the owner of a chunk,
+  that holds that slice (e.g. error-feedback buffers).
   ``update(deltas, contributes, state) -> (delta, state, metrics)``: ``deltas`` has a leading
   worker axis (zero for workers not in C), ``contributes`` is bool ``[workers]``; ``delta`` is
   the agreed average, ``metrics`` scalars.  Streaming DiLoCo passes the subtrees of one fragment.
@@ -70,8 +72,9 @@ class DiLoCoState(NamedTuple):
       the whole tree, without streaming).
     worker_params: ``theta_k``, every leaf with a leading worker axis of size K.
     worker_opt_state: inner optimizer state of every worker, leading worker axis of size K.
-    average_state: the averager's state (``Averager.init``: named buffers, e.g. the workers'
-      error-feedback buffers ``e_k``, leading worker axis), ``{}`` when it keeps none.
+    average_state: the averager's state (``Averager.init``: a NamedTuple of buffers, e.g. the
+      workers' error-feedback buffers ``e_k``, leading worker axis), ``optax.EmptyState()``
+      when it keeps none.
     step: int32 number of inner steps taken.
   """
 
@@ -228,10 +231,281 @@ def mean_average() -> Averager:
     }
     return delta, state, metrics
 
-  return Averager(lambda params, num_workers: {}, update, coordinatewise=True)
+  return Averager(lambda params, num_workers: optax.EmptyState(), update, coordinatewise=True)
 
 
 COLLECTIVES = ("all_gather", "reduce_scatter")
+
+
+class ErrorFeedback(NamedTuple):
+  """The workers' error feedback (``compression.TreeCodec.feedback``)::
+
+      e_k <- decay e_k + scale delta_k;   c_k = C(e_k);   e_k <- e_k - D(c_k)
+
+  ``scale`` (finite, > 0) is 1 by default; the authors' outer optimizer uses the outer learning
+  rate, which then scales the pseudogradient a second time in the outer step.
+  """
+
+  decay: float = 0.9
+  scale: float = 1.0
+
+
+class AllGatherAverageState(NamedTuple):
+  """``all_gather_average``'s buffers.
+
+  Attributes:
+    worker_error: the workers' error-feedback buffers ``e_k``, float32, the parameters' tree
+      with a leading worker axis; None without error feedback.
+  """
+
+  worker_error: PyTree
+
+
+class ReduceScatterAverageState(NamedTuple):
+  """``reduce_scatter_average``'s buffers.
+
+  Attributes:
+    worker_error: the workers' buffers ``e_k``, as in ``AllGatherAverageState``.
+    owner_error: the owners' buffers ``r_j``, float32, ``TreeCodec.split_rows`` of the
+      parameters into K chunks (leading axis: the owner j of the chunk); None without the
+      owners' error feedback.
+  """
+
+  worker_error: PyTree
+  owner_error: PyTree
+
+
+def _check_scale(name: str, scale: float) -> None:
+  if not (math.isfinite(scale) and scale > 0):
+    raise ValueError(f"{name}={scale} must be finite and > 0")
+
+
+def _check_error_feedback(error_feedback: ErrorFeedback | None) -> None:
+  if error_feedback is not None:
+    _check_scale("error_feedback.scale", error_feedback.scale)
+
+
+def _init_worker_error(
+  params: PyTree, num_workers: int, error_feedback: ErrorFeedback | None
+) -> PyTree:
+  """Zero buffers ``e_k`` with a leading worker axis, or None without error feedback."""
+  if error_feedback is None:
+    return None
+  return _stack(compression.init_error(params), num_workers)
+
+
+def _one_worker_float32(deltas: PyTree) -> PyTree:
+  """Shapes of one worker's float32 pseudogradient (``deltas`` has a leading worker axis)."""
+  return jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
+
+
+class _RowChunks(NamedTuple):
+  """One worker's trees (shapes ``like``) cut into ``num_chunks`` chunks of rows
+  (``TreeCodec.split_rows``), each chunk sent with ``codec`` on its own: payloads and decoded
+  chunks carry a leading chunk axis."""
+
+  codec: compression.TreeCodec
+  like: PyTree
+  num_chunks: int
+
+  def split(self, tree: PyTree) -> PyTree:
+    return self.codec.split_rows(tree, self.num_chunks)
+
+  def join(self, chunks: PyTree) -> PyTree:
+    return self.codec.join_rows(chunks, self.like)
+
+  def compress(self, x: PyTree) -> PyTree:
+    return jax.vmap(self.codec.compress)(self.split(x))
+
+  def feedback(self, error: PyTree, x: PyTree, decay: float) -> tuple[PyTree, PyTree]:
+    """``TreeCodec.feedback`` chunk by chunk; the new error joined."""
+    feedback = functools.partial(self.codec.feedback, decay=decay)
+    payloads, error = jax.vmap(feedback)(self.split(error), self.split(x))
+    return payloads, self.join(error)
+
+  def decode(self, payloads: PyTree) -> PyTree:
+    """The decoded chunks, not joined."""
+    split = jax.eval_shape(self.split, self.like)
+    chunk_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), split)
+    return jax.vmap(lambda payload: self.codec.decompress(payload, chunk_like))(payloads)
+
+
+def _encode_workers(chunks: _RowChunks, deltas, contributes, worker_error, error_feedback):
+  """Every worker k's payload ``c_k`` (leading worker axis), its new buffer and what it
+  compressed, ``x_k``.  With ``error_feedback`` ``x_k = decay e_k + scale delta_k;  c_k =
+  C(x_k);  e_k <- x_k - D(c_k)`` for the workers in C (the others keep ``e_k``); without
+  (``worker_error`` None) ``c_k = C(x_k)`` with ``x_k = delta_k``."""
+
+  def encode(error, delta):
+    if error is None:
+      return chunks.compress(delta), None
+    scaled = jax.tree.map(lambda d: error_feedback.scale * d.astype(jnp.float32), delta)
+    return chunks.feedback(error, scaled, error_feedback.decay)
+
+  # Pinned where each step happens, so that only the packed payloads cross workers.
+  payloads, new_error = sharding.split_over_workers(jax.vmap(encode)(worker_error, deltas))
+  if worker_error is None:
+    return payloads, None, deltas
+  decay, scale = error_feedback
+  sent = jax.tree.map(lambda e, d: decay * e + scale * d.astype(jnp.float32), worker_error, deltas)
+  return payloads, _select_workers(contributes, new_error, worker_error), sent
+
+
+def _contributing_mean(contributes: jax.Array, tree: PyTree) -> PyTree:
+  """``sum_{k in C} x_k / max(|C|, 1)`` over the leading axis of every leaf."""
+  weights, (_, divisor) = contributes.astype(jnp.float32), _count(contributes)
+  return jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / divisor, tree)
+
+
+def _norm_ratio(numerator: PyTree, denominator: PyTree) -> jax.Array:
+  return optax.tree.norm(numerator) / jnp.maximum(optax.tree.norm(denominator), 1e-30)
+
+
+def _compression_metrics(contributes, sent, decoded, worker_error, payload, per_worker) -> dict:
+  """The compressed averagers' metrics (``all_gather_average``) from ``x_k`` (``sent``),
+  ``D(C(x_k))`` (``decoded``), the new buffers and the bytes of one worker's payload and of what
+  it sends over its link."""
+  num_workers = contributes.shape[0]
+  count, divisor = _count(contributes)
+  mean_over_contributing = lambda x: jnp.sum(jnp.where(contributes, x, 0.0)) / divisor
+  error_norm = 0.0
+  if worker_error is not None:
+    error_norm = jnp.sqrt(jax.vmap(_tree_dot)(worker_error, worker_error))
+  return {
+    "num_contributing": count,
+    "sync_bytes": jnp.float32(num_workers * payload),
+    "sync_bytes_per_worker": jnp.float32(per_worker),
+    "compression_error": mean_over_contributing(
+      jax.vmap(compression.relative_error)(sent, decoded)
+    ),
+    "compression_norm_ratio": mean_over_contributing(jax.vmap(_norm_ratio)(decoded, sent)),
+    "error_buffer_norm": jnp.sum(error_norm) / num_workers,
+  }
+
+
+def all_gather_average(
+  codec: compression.TreeCodec,
+  *,
+  error_feedback: ErrorFeedback | None = ErrorFeedback(),
+  requantize_average: bool = False,
+) -> Averager:
+  """An averager that all-gathers compressed pseudogradients (MuLoCo's 2-8 bit sync).
+
+  Every worker k compresses what it sends with ``codec``, with error feedback (on by default,
+  ``ErrorFeedback``): ``e_k <- beta e_k + s delta_k;  c_k = C(e_k);  e_k <- e_k - D(c_k)``;
+  without it (None) ``c_k = C(delta_k)``.  A worker left out of the round keeps its buffer
+  unchanged.  Then every worker gathers all K packed payloads (uint8 codes and side data, never
+  decoded floats), decodes them and averages the contributing ones: ``delta = sum_{k in C}
+  D(c_k) / |C|``.  One worker sends K - 1 payloads and decodes K float32 trees.
+  ``requantize_average`` applies ``D(C(.))`` to the average once more, as the authors' runs do
+  to stand in for a compressed reduce-scatter (``reduce_scatter_average``).
+
+  State: ``AllGatherAverageState(worker_error)``.
+
+  Metrics: ``num_contributing``; ``sync_bytes`` = K x the bytes of one worker's payload;
+  ``sync_bytes_per_worker`` = K - 1 payloads, what one worker sends over its link per sync;
+  ``compression_error`` = mean over contributing workers of ||x_k - D(C(x_k))|| / ||x_k|| for
+  the compressed input x_k (e_k or delta_k); ``compression_norm_ratio``, the same mean of
+  ||D(C(x_k))|| / ||x_k|| (how much the compressor alone shrinks the step);
+  ``error_buffer_norm`` = mean over workers of ||e_k|| after the step.
+  """
+  _check_error_feedback(error_feedback)
+
+  def init(params, num_workers):
+    return AllGatherAverageState(_init_worker_error(params, num_workers, error_feedback))
+
+  def update(deltas, contributes, state):
+    num_workers = contributes.shape[0]
+    # The whole tree as one chunk of rows: the encode ``reduce_scatter_average`` runs on K.
+    whole = _RowChunks(codec, _one_worker_float32(deltas), 1)
+    payloads, worker_error, sent = _encode_workers(
+      whole, deltas, contributes, state.worker_error, error_feedback
+    )
+    decode = jax.vmap(lambda payload: whole.join(whole.decode(payload)))
+    decoded = sharding.gather_workers(decode(sharding.gather_workers(payloads)))
+    delta = _contributing_mean(contributes, decoded)
+    if requantize_average:
+      delta = codec.roundtrip(delta)
+    payload = compression.payload_nbytes(payloads) // num_workers
+    metrics = _compression_metrics(
+      contributes, sent, decoded, worker_error, payload, (num_workers - 1) * payload
+    )
+    return sharding.like_one_worker(delta), AllGatherAverageState(worker_error), metrics
+
+  return Averager(init, update)
+
+
+def reduce_scatter_average(
+  codec: compression.TreeCodec,
+  *,
+  error_feedback: ErrorFeedback | None = ErrorFeedback(),
+  owner_error_decay: float | None = 0.9,
+) -> Averager:
+  """An averager that reduce-scatters and all-gathers compressed pseudogradients.
+
+  Each tensor's rows are cut into K chunks (``codec.split_rows``; chunk j is owned by worker
+  j), and every worker compresses every chunk on its own, with ``error_feedback`` as in
+  ``all_gather_average`` (``c_k = C(e_k)`` chunk by chunk).  One all-to-all hands chunk j of
+  every payload to worker j, which decodes its K chunks, averages them in float32 (``a_j``),
+  compresses the average again, with error feedback of its own unless ``owner_error_decay``
+  (``beta``) is None (``r_j <- beta r_j + a_j;  q_j = C(r_j);  r_j <- r_j - D(q_j)``; neither
+  the authors' code nor torchft keeps this buffer), and the packed ``q_j`` are all-gathered:
+  ``delta = concat_j D(q_j)``.  One worker sends 2 (K-1)/K payloads and holds one float32 tree
+  of decoded chunks.  With per-row statistics every chunk is quantized exactly as in the whole
+  tensor, so without the owners' error feedback this is ``all_gather_average`` with
+  ``requantize_average`` (to float32 round-off); per-tensor statistics and top-k's k become
+  per chunk (padding rows included).
+
+  State: ``ReduceScatterAverageState(worker_error, owner_error)``.
+
+  Metrics: those of ``all_gather_average``, with ``sync_bytes_per_worker`` = (K-1)/K of a
+  worker's payload in the all-to-all plus K - 1 re-quantized chunks in the all-gather, and
+  ``average_compression_error``, the relative error of the owners' second compression.
+  """
+  _check_error_feedback(error_feedback)
+
+  def init(params, num_workers):
+    owner_error = None
+    if owner_error_decay is not None:
+      chunks = jax.eval_shape(lambda p: codec.split_rows(p, num_workers), params)
+      owner_error = compression.init_error(chunks)
+    worker_error = _init_worker_error(params, num_workers, error_feedback)
+    return ReduceScatterAverageState(worker_error, owner_error)
+
+  def update(deltas, contributes, state):
+    num_workers = contributes.shape[0]
+    chunks = _RowChunks(codec, _one_worker_float32(deltas), num_workers)
+    payloads, worker_error, sent = _encode_workers(
+      chunks, deltas, contributes, state.worker_error, error_feedback
+    )
+    at_owners = sharding.split_over_workers(payloads, dim=1)
+    decoded = sharding.split_over_workers(jax.vmap(chunks.decode)(at_owners), 1)
+    average = _contributing_mean(contributes, decoded)
+    owner_feedback = functools.partial(codec.feedback, decay=owner_error_decay)
+    owner_payloads, owner_error = jax.vmap(owner_feedback)(state.owner_error, average)
+    owner_sent = average
+    if owner_error is not None:
+      owner_sent = jax.tree.map(lambda r, a: owner_error_decay * r + a, state.owner_error, average)
+      owner_error = _select(_count(contributes)[0] > 0, owner_error, state.owner_error)
+    owner_payloads = sharding.split_over_workers(owner_payloads)
+    gathered = chunks.decode(sharding.gather_workers(owner_payloads))
+    delta = chunks.join(sharding.gather_workers(gathered))
+    # Each worker decodes its own payload (for compression_error).  This decode also anchors
+    # the workers' encode on their own rows: computing the error from the EF residual instead
+    # let XLA move the residual's arithmetic to the chunk owners and all-to-all float32 back
+    # (tests/test_reduce_scatter.py's compiled-traffic test catches it).
+    own = jax.vmap(lambda payload: chunks.join(chunks.decode(payload)))(payloads)
+    payload = compression.payload_nbytes(payloads) // num_workers
+    chunk_bytes = compression.payload_nbytes(owner_payloads) / num_workers
+    per_worker = (num_workers - 1) / num_workers * payload + (num_workers - 1) * chunk_bytes
+    metrics = _compression_metrics(contributes, sent, own, worker_error, payload, per_worker)
+    metrics["average_compression_error"] = compression.relative_error(
+      owner_sent, chunks.decode(owner_payloads)
+    )
+    state = ReduceScatterAverageState(worker_error, owner_error)
+    return sharding.like_one_worker(delta), state, metrics
+
+  return Averager(init, update)
 
 
 def compressed_average(
@@ -246,172 +520,33 @@ def compressed_average(
   error_feedback_scale: float = 1.0,
   row_axis: compression.RowAxisFn = compression.flax_row_axis,
 ) -> Averager:
-  """An averager that exchanges compressed pseudogradients (MuLoCo's 2-8 bit sync).
+  """``all_gather_average`` or ``reduce_scatter_average`` (``collective``, one of
+  ``COLLECTIVES``) over ``compression.TreeCodec(spec, exclude, row_axis=row_axis)``: every
+  leaf sent with ``spec`` but those ``exclude`` picks (sent in float32), quantizer rows along
+  ``row_axis`` (``compression.flax_row_axis``: a kernel's output units).
 
-  Every worker k compresses what it sends, with error feedback (on by default):
-  ``e_k <- beta e_k + s delta_k;  c_k = C(e_k);  e_k <- e_k - D(c_k)`` with
-  ``s = error_feedback_scale`` (1; the authors' outer optimizer uses the outer learning rate,
-  which then scales the pseudogradient a second time in the outer step); without it
-  ``c_k = C(delta_k)``.  A worker left out of the round keeps its buffer unchanged.  Quantizer
-  rows follow ``row_axis`` (``compression.flax_row_axis``: a kernel's output units).  Then the
-  packed payloads (uint8 codes and side data, never decoded floats) cross the links, in one of
-  two ``collective`` patterns:
-
-  * ``"all_gather"``: every worker gathers all K payloads, decodes them and averages the
-    contributing ones: ``delta = sum_{k in C} D(c_k) / |C|``.  One worker sends K - 1 payloads
-    and decodes K float32 trees.  ``requantize_average`` applies ``D(C(.))`` to the average once
-    more, as the authors' runs do to stand in for the reduce-scatter below.
-  * ``"reduce_scatter"``: each tensor's rows are cut into K chunks (``compression.split_rows``;
-    chunk j is owned by worker j) and every chunk compressed on its own.  One all-to-all hands
-    chunk j of every payload to worker j, which decodes its K chunks, averages them in float32
-    (``a_j``), compresses the average again, with error feedback of its own when
-    ``requantize_error_feedback`` (``r_j <- beta r_j + a_j;  q_j = C(r_j);  r_j <- r_j -
-    D(q_j)``; neither the authors' code nor torchft keeps this buffer), and the packed ``q_j``
-    are all-gathered: ``delta = concat_j D(q_j)``.  One worker sends 2 (K-1)/K payloads and
-    holds one float32 tree of decoded chunks.  With per-row statistics every chunk is quantized
-    exactly as in the whole tensor, so without the owners' error feedback this is
-    ``"all_gather"`` with ``requantize_average`` (to float32 round-off); per-tensor statistics
-    and top-k's k become per chunk (padding rows included).
-
-  The state is a dict of buffers, each a tree with the parameters' top-level keys and a leading
-  axis of K: ``"worker_error"`` (``e_k``, with ``error_feedback``) and ``"owner_error"``
-  (``r_j`` over chunk j's rows, reduce_scatter with ``requantize_error_feedback``).
-
-  Metrics: ``num_contributing``; ``sync_bytes`` = K x the bytes of one worker's payload;
-  ``sync_bytes_per_worker``, what one worker sends over its link per sync: all_gather K - 1
-  payloads; reduce_scatter (K-1)/K of its payload in the all-to-all plus K - 1 re-quantized
-  chunks in the all-gather; ``compression_error`` = mean over contributing workers of
-  ||x_k - D(C(x_k))|| / ||x_k|| for the compressed input x_k (e_k or delta_k);
-  ``compression_norm_ratio``, the same mean of ||D(C(x_k))|| / ||x_k|| (how much the compressor
-  alone shrinks the step);
-  ``error_buffer_norm`` = mean over workers of ||e_k|| after the step; reduce_scatter adds
-  ``average_compression_error``, the same ratio for the owners' second compression.
+  ``error_feedback`` turns on the workers' ``ErrorFeedback(error_decay, error_feedback_scale)``;
+  ``requantize_error_feedback`` the reduce-scatter owners' error feedback, with the same decay.
   """
   if collective not in COLLECTIVES:
-    raise ValueError(f"compression.collective must be one of {COLLECTIVES}, got {collective!r}")
-  if collective == "reduce_scatter" and requantize_average:
-    raise ValueError(
-      "compression.requantize_average=True simulates a compressed reduce-scatter on top of "
-      "compression.collective='all_gather'; 'reduce_scatter' re-quantizes the average itself"
-    )
-  if not (math.isfinite(error_feedback_scale) and error_feedback_scale > 0):
-    raise ValueError(f"error_feedback_scale={error_feedback_scale} must be finite and > 0")
+    raise ValueError(f"collective={collective!r} is not one of {COLLECTIVES}")
+  _check_scale("error_feedback_scale", error_feedback_scale)
   if error_feedback_scale != 1.0 and not error_feedback:
     raise ValueError(
-      "compression.error_feedback_scale scales what enters the error-feedback buffer; with "
-      "compression.error_feedback=False the pseudogradient is sent unscaled"
+      f"error_feedback_scale={error_feedback_scale} scales what enters the error-feedback "
+      "buffer; with error_feedback=False the pseudogradient is sent unscaled"
     )
-  scatter = collective == "reduce_scatter"
-  owner_feedback = scatter and requantize_error_feedback
-
-  def init(params, num_workers):
-    state = {}
-    if error_feedback:
-      state["worker_error"] = _stack(compression.init_error(params), num_workers)
-    if owner_feedback:
-      chunks = jax.eval_shape(
-        lambda p: compression.split_rows(p, num_workers, row_axis=row_axis), params
-      )
-      state["owner_error"] = compression.init_error(chunks)
-    return state
-
-  def update(deltas, contributes, state):
-    num_workers = contributes.shape[0]
-    count, divisor = _count(contributes)
-    weights = contributes.astype(jnp.float32)
-    like = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
-    num_chunks = num_workers if scatter else 1
-    split = lambda tree: compression.split_rows(tree, num_chunks, row_axis=row_axis)
-    join = lambda chunks: compression.join_rows(chunks, like, row_axis=row_axis)
-    rules = dict(row_axis=row_axis)
-    chunk_like = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), jax.eval_shape(split, like)
+  codec = compression.TreeCodec(spec, exclude, row_axis=row_axis)
+  workers = ErrorFeedback(error_decay, error_feedback_scale) if error_feedback else None
+  if collective == "all_gather":
+    return all_gather_average(codec, error_feedback=workers, requantize_average=requantize_average)
+  if requantize_average:
+    raise ValueError(
+      "requantize_average=True simulates a compressed reduce-scatter on top of "
+      "collective='all_gather'; collective='reduce_scatter' re-quantizes the average itself"
     )
-    over_chunks = jax.vmap
-
-    def decode_chunk(payload):
-      return compression.decompress_tree(payload, spec, chunk_like, exclude, **rules)
-
-    def decode(chunk_payloads):
-      return join(over_chunks(decode_chunk)(chunk_payloads))
-
-    def compress(tree):
-      return compression.compress_tree(tree, spec, exclude, **rules)
-
-    def feedback(error, tree):
-      return compression.error_feedback_tree(error, tree, spec, error_decay, exclude, **rules)
-
-    def encode(error, delta):  # one worker's chunks: (payloads, new error)
-      if not error_feedback:
-        return over_chunks(compress)(split(delta)), {}
-      scaled = jax.tree.map(lambda d: error_feedback_scale * d.astype(jnp.float32), delta)
-      payloads, residual = over_chunks(feedback)(split(error), split(scaled))
-      return payloads, join(residual)
-
-    error = state.get("worker_error", {})
-    # Pinned where each step happens, so that only the packed payloads cross workers.
-    payloads, new_error = sharding.split_over_workers(jax.vmap(encode)(error, deltas))
-    if error_feedback:
-      sent = jax.tree.map(
-        lambda e, d: error_decay * e + error_feedback_scale * d.astype(jnp.float32), error, deltas
-      )
-      new_error = _select_workers(contributes, new_error, error)
-    else:
-      sent = deltas
-    mean = lambda tree: jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / divisor, tree)
-    payload = compression.payload_nbytes(payloads) // num_workers
-    new_state, metrics = {}, {}
-    if scatter:
-      at_owners = sharding.split_over_workers(payloads, dim=1)
-      average = mean(sharding.split_over_workers(jax.vmap(over_chunks(decode_chunk))(at_owners), 1))
-      if owner_feedback:
-        owner_error = state["owner_error"]
-        owner_payloads, residual = over_chunks(feedback)(owner_error, average)
-        new_state["owner_error"] = _select(count > 0, residual, owner_error)
-        owner_sent = jax.tree.map(lambda r, a: error_decay * r + a, owner_error, average)
-      else:
-        owner_payloads = over_chunks(compress)(average)
-        owner_sent = average
-      owner_payloads = sharding.split_over_workers(owner_payloads)
-      owner_decoded = over_chunks(decode_chunk)(owner_payloads)
-      delta_chunks = over_chunks(decode_chunk)(sharding.gather_workers(owner_payloads))
-      delta = join(sharding.gather_workers(delta_chunks))
-      # Each worker decodes its own payload (for compression_error).  This decode also anchors
-      # the workers' encode on their own rows: computing the error from the EF residual instead
-      # let XLA move the residual's arithmetic to the chunk owners and all-to-all float32 back
-      # (tests/test_reduce_scatter.py's compiled-traffic test catches it).
-      own = jax.vmap(decode)(payloads)
-      chunk = compression.payload_nbytes(owner_payloads) / num_workers
-      per_worker = (num_workers - 1) / num_workers * payload + (num_workers - 1) * chunk
-      metrics["average_compression_error"] = compression.relative_error(owner_sent, owner_decoded)
-    else:
-      own = sharding.gather_workers(jax.vmap(decode)(sharding.gather_workers(payloads)))
-      delta = mean(own)
-      if requantize_average:
-        delta = compression.roundtrip_tree(delta, spec, exclude, **rules)
-      per_worker = (num_workers - 1) * payload
-    if error_feedback:
-      new_state["worker_error"] = new_error
-    delta = sharding.like_one_worker(jax.tree.map(lambda x, d: x.astype(d.dtype), delta, like))
-
-    rel_error = jax.vmap(compression.relative_error)(sent, own)
-    norm_ratio = jax.vmap(_norm_ratio)(own, sent)
-    error_norm = jnp.sqrt(jax.vmap(_tree_dot)(new_error, new_error)) if error_feedback else 0.0
-    metrics.update(
-      num_contributing=count,
-      sync_bytes=jnp.float32(num_workers * payload),
-      sync_bytes_per_worker=jnp.float32(per_worker),
-      compression_error=jnp.sum(jnp.where(contributes, rel_error, 0.0)) / divisor,
-      compression_norm_ratio=jnp.sum(jnp.where(contributes, norm_ratio, 0.0)) / divisor,
-      error_buffer_norm=jnp.sum(error_norm) / num_workers,
-    )
-    return delta, new_state, metrics
-
-  return Averager(init, update)
-
-
-def _norm_ratio(numerator: PyTree, denominator: PyTree) -> jax.Array:
-  return optax.tree.norm(numerator) / jnp.maximum(optax.tree.norm(denominator), 1e-30)
+  owners = error_decay if requantize_error_feedback else None
+  return reduce_scatter_average(codec, error_feedback=workers, owner_error_decay=owners)
 
 
 def compressed_sync_bytes(
@@ -432,11 +567,12 @@ def compressed_sync_bytes(
   all-gather, 2 (K-1)/K payloads in all.
   """
   if collective not in COLLECTIVES:
-    raise ValueError(f"compression.collective must be one of {COLLECTIVES}, got {collective!r}")
+    raise ValueError(f"collective={collective!r} is not one of {COLLECTIVES}")
+  codec = compression.TreeCodec(spec, exclude, row_axis=row_axis)
   chunks = num_workers if collective == "reduce_scatter" else 1
-  split = jax.eval_shape(lambda p: compression.split_rows(p, chunks, row_axis=row_axis), params)
+  split = jax.eval_shape(lambda p: codec.split_rows(p, chunks), params)
   one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], jnp.float32), split)
-  payload = chunks * compression.tree_compressed_nbytes(one_chunk, spec, exclude, row_axis=row_axis)
+  payload = chunks * codec.nbytes(one_chunk)
   k = num_workers
   per_worker = (k - 1) * payload if chunks == 1 else 2 * (k - 1) / k * payload
   return {"payload": payload, "per_worker": per_worker}
@@ -449,7 +585,7 @@ def outer_step(
   outer_tx: optax.GradientTransformation,
   active: jax.Array | None = None,
   average: Averager | None = None,
-  average_state: PyTree = None,
+  average_state: PyTree = optax.EmptyState(),
   regroup: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[PyTree, PyTree, PyTree, dict]:
   """Outer optimizer step on any subtree of the parameters (the whole tree, or one fragment).
@@ -464,7 +600,7 @@ def outer_step(
     outer_tx: the outer optimizer.
     active: optional bool ``[workers]``; ``False`` leaves a worker out of the average.
     average: the averager (default ``mean_average()``, or ``compressed_average(...)``).
-    average_state: its state for the subtree (``{}`` if it keeps none).
+    average_state: its state for the subtree (``optax.EmptyState()`` if it keeps none).
     regroup: applied to ``worker_params`` before anything else.  On a mesh it moves them into
       the shared parameters' layout (one all-to-all over workers), so that pseudogradients, their
       average and the outer step are local to the owner of each shard; None: as they are.
@@ -480,7 +616,7 @@ def outer_step(
   contributes = finite if active is None else finite & active
   clean = _select_workers(contributes, deltas, jax.tree.map(jnp.zeros_like, deltas))
   delta, average_state, metrics = (average or mean_average()).update(
-    clean, contributes, {} if average_state is None else average_state
+    clean, contributes, average_state
   )
 
   updates, new_outer_state = outer_tx.update(delta, outer_opt_state, theta_ref)
@@ -504,6 +640,13 @@ def outer_step(
   return new_theta, new_outer_state, average_state, metrics
 
 
+def _map_buffers(fn: Callable, average_state: PyTree, *others: PyTree) -> PyTree:
+  """``fn`` applied to each buffer of an averager's state (and the same buffer of ``others``);
+  an absent (None) buffer stays None."""
+  buffers = zip(average_state, *others)
+  return type(average_state)(*(None if b[0] is None else fn(*b) for b in buffers))
+
+
 def exchange(
   state: DiLoCoState,
   outer_tx: optax.GradientTransformation,
@@ -520,7 +663,7 @@ def exchange(
   the metrics.
   """
   fragment = fragments[fragment_index]
-  average_state = {name: subtree(tree, fragment) for name, tree in state.average_state.items()}
+  average_state = _map_buffers(lambda buffer: subtree(buffer, fragment), state.average_state)
   theta, fragment_outer_state, average_state, metrics = outer_step(
     subtree(state.params, fragment),
     state.outer_opt_state[fragment_index],
@@ -537,9 +680,9 @@ def exchange(
   state = state._replace(
     params=merge(state.params, theta, fragment),
     outer_opt_state=outer_opt_state,
-    average_state={
-      name: merge(state.average_state[name], tree, fragment) for name, tree in average_state.items()
-    },
+    average_state=_map_buffers(
+      lambda buffer, part: merge(buffer, part, fragment), state.average_state, average_state
+    ),
   )
   return state, metrics
 

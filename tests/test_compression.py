@@ -17,7 +17,7 @@ STAT32 = functools.partial(C.CompressionSpec, "statistical", table_dtype="float3
 # Whole-function jit: one compile per (shape, spec) is much cheaper than eager op-by-op dispatch.
 _encode = jax.jit(C.encode, static_argnums=1)
 _decode = jax.jit(C.decode, static_argnums=(1, 2, 3))
-_rel_error = jax.jit(C.relative_compression_error, static_argnums=(1, 2))
+_rel_error = jax.jit(lambda tree, codec: codec.relative_error(tree), static_argnums=1)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -250,18 +250,18 @@ def test_topk_keeps_largest_k():
 # ----------------------------------------------------------------------------- pytrees and bytes
 
 
-def test_compress_tree_exclusion_rules():
+def test_codec_exclusion_rules():
   tree = _model_tree(_rng(5))
   spec = C.CompressionSpec("statistical", 2)
-  shapes = jax.eval_shape(lambda t: C.compress_tree(t, spec), tree)
+  shapes = jax.eval_shape(C.TreeCodec(spec).compress, tree)
   assert set(shapes["layer_0"]["attn_norm"]["scale"]) == {"values"}
   assert set(shapes["embedding"]["embedding"]) == {"codes", "table", "table_scale"}
-  paper = C.exclude_vectors_embedding_head
-  payloads = jax.jit(lambda t: C.compress_tree(t, spec, paper))(tree)
+  paper = C.TreeCodec(spec, C.exclude_vectors_embedding_head)
+  payloads = jax.jit(paper.compress)(tree)
   assert set(payloads["embedding"]["embedding"]) == {"values"}
   assert set(payloads["head"]["kernel"]) == {"values"}
   assert set(payloads["layer_0"]["mlp"]["w1"]["kernel"]) == {"codes", "table", "table_scale"}
-  decoded = jax.jit(lambda p: C.decompress_tree(p, spec, tree, paper))(payloads)
+  decoded = jax.jit(lambda p: paper.decompress(p, tree))(payloads)
   for name in ("embedding", "head"):
     jax.tree_util.tree_map(np.testing.assert_array_equal, decoded[name], tree[name])
   norm = ("layer_0", "attn_norm", "scale")
@@ -283,13 +283,13 @@ def test_dense_kernel_rows_are_output_units_and_the_rule_is_replaceable(kind):
   table = rng.standard_normal((40, 16)).astype(np.float32)
   spec = C.CompressionSpec(kind, bits=2)
   tree = {"dense": {"kernel": w}, "embed": {"embedding": table}}
-  got = C.roundtrip_tree(tree, spec, C.exclude_vectors)
+  got = C.TreeCodec(spec, C.exclude_vectors).roundtrip(tree)
   np.testing.assert_allclose(got["dense"]["kernel"], _encode_decode(w.T, spec)[1].T, rtol=1e-6)
   np.testing.assert_allclose(got["embed"]["embedding"], _encode_decode(table, spec)[1], rtol=1e-6)
-  rows_in = C.roundtrip_tree(tree, spec, C.exclude_vectors, row_axis=lambda path, leaf: 0)
+  rows_in = C.TreeCodec(spec, C.exclude_vectors, row_axis=lambda path, leaf: 0).roundtrip(tree)
   np.testing.assert_allclose(rows_in["dense"]["kernel"], _encode_decode(w, spec)[1], rtol=1e-6)
   # Byte counts follow the rule: 16 rows of 48 (one table each) against 48 rows of 16.
-  assert C.tree_compressed_nbytes({"k": {"kernel": w}}, spec) == C.compressed_nbytes((16, 48), spec)
+  assert C.TreeCodec(spec).nbytes({"k": {"kernel": w}}) == C.compressed_nbytes((16, 48), spec)
 
 
 def test_payload_bytes_match_closed_form():
@@ -307,13 +307,14 @@ def test_payload_bytes_match_closed_form():
   ]
   for exclude in (C.exclude_vectors, C.exclude_vectors_embedding_head):
     for spec in specs:
-      expected = C.tree_compressed_nbytes(tree, spec, exclude)
-      shapes = jax.eval_shape(lambda t: C.compress_tree(t, spec, exclude), tree)
+      codec = C.TreeCodec(spec, exclude)
+      expected = codec.nbytes(tree)
+      shapes = jax.eval_shape(codec.compress, tree)
       assert C.payload_nbytes(shapes) == expected
   # Concrete arrays for two, and the per-leaf closed form by hand.
   for spec in (C.CompressionSpec("statistical", 2), specs[-2]):
-    payloads = jax.jit(lambda t: C.compress_tree(t, spec))(tree)
-    assert C.payload_nbytes(payloads) == C.tree_compressed_nbytes(tree, spec)
+    payloads = jax.jit(C.TreeCodec(spec).compress)(tree)
+    assert C.payload_nbytes(payloads) == C.TreeCodec(spec).nbytes(tree)
   assert (
     C.compressed_nbytes((88, 32), C.CompressionSpec("statistical", 2))
     == 88 * 32 // 4 + 88 * 4 * 2 + 4
@@ -332,7 +333,7 @@ def test_two_bit_ratio_on_150m_tree():
   tree = _tree_150m()
   fp32 = _fp32_nbytes(tree)
   ratio = lambda spec, exclude=C.exclude_vectors: (
-    fp32 / C.payload_nbytes(jax.eval_shape(lambda t: C.compress_tree(t, spec, exclude), tree))
+    fp32 / C.payload_nbytes(jax.eval_shape(C.TreeCodec(spec, exclude).compress, tree))
   )
   assert ratio(C.CompressionSpec("statistical", 2)) >= 15.0
   assert ratio(C.CompressionSpec("statistical", 2, per_row=False)) >= 15.0
@@ -342,18 +343,17 @@ def test_two_bit_ratio_on_150m_tree():
   # On the hidden matrices alone (the paper's runs send embedding and head in fp32).
   matrices = {k: v for k, v in tree.items() if k.startswith("layer_")}
   spec = C.CompressionSpec("statistical", 2)
-  assert _fp32_nbytes(matrices) / C.tree_compressed_nbytes(matrices, spec) >= 15.0
+  assert _fp32_nbytes(matrices) / C.TreeCodec(spec).nbytes(matrices) >= 15.0
 
 
 def test_relative_compression_error():
   tree = _model_tree(_rng(7))
-  errs = [
-    float(_rel_error(tree, C.CompressionSpec("statistical", b), C.exclude_vectors)) for b in (2, 8)
-  ]
+  codec = lambda *args: C.TreeCodec(C.CompressionSpec(*args), C.exclude_vectors)
+  errs = [float(_rel_error(tree, codec("statistical", b))) for b in (2, 8)]
   assert 0.3 < errs[0] < 0.5 and errs[1] < 0.02
   zeros = jax.tree_util.tree_map(np.zeros_like, tree)
-  assert float(_rel_error(zeros, C.CompressionSpec("statistical", 2), C.exclude_vectors)) == 0.0
-  assert float(_rel_error(tree, C.CompressionSpec("none"), C.exclude_vectors)) == 0.0
+  assert float(_rel_error(zeros, codec("statistical", 2))) == 0.0
+  assert float(_rel_error(tree, codec("none"))) == 0.0
 
 
 # ----------------------------------------------------------------------------- error feedback
@@ -364,8 +364,9 @@ def test_error_feedback_telescopes_with_beta_one():
   rng = _rng(8)
   tree = _model_tree(rng)
   spec = C.CompressionSpec("statistical", 2)
-  step = jax.jit(lambda e, d: C.error_feedback_tree(e, d, spec, 1.0))
-  decode = jax.jit(lambda p: C.decompress_tree(p, spec, tree))
+  codec = C.TreeCodec(spec)
+  step = jax.jit(lambda e, d: codec.feedback(e, d, 1.0))
+  decode = jax.jit(lambda p: codec.decompress(p, tree))
   error = C.init_error(tree)
   sent = C.init_error(tree)
   total = C.init_error(tree)
@@ -469,19 +470,21 @@ def test_stacked_leaves_are_compressed_per_layer(spec):
   tree = _unscanned_tree(_rng(12))
   stacked = layout.stack_layers(tree)
 
+  codec = C.TreeCodec(spec)
+
   @jax.jit
   def both_layouts(tree, stacked):
-    ef = lambda t: C.error_feedback_tree(C.init_error(t), t, spec, 0.9)[1]
-    stacked_payloads = C.compress_tree(stacked, spec)
+    ef = lambda t: codec.feedback(C.init_error(t), t, 0.9)[1]
+    stacked_payloads = codec.compress(stacked)
     return {
-      "payloads": C.compress_tree(tree, spec),
+      "payloads": codec.compress(tree),
       "stacked_payloads": stacked_payloads,
-      "decoded": C.decompress_tree(stacked_payloads, spec, stacked),
-      "expected": layout.stack_layers(C.roundtrip_tree(tree, spec)),
+      "decoded": codec.decompress(stacked_payloads, stacked),
+      "expected": layout.stack_layers(codec.roundtrip(tree)),
       "error": layout.stack_layers(ef(tree)),
       "stacked_error": ef(stacked),
-      "rel_error": C.relative_compression_error(tree, spec),
-      "stacked_rel_error": C.relative_compression_error(stacked, spec),
+      "rel_error": codec.relative_error(tree),
+      "stacked_rel_error": codec.relative_error(stacked),
     }
 
   out = both_layouts(tree, stacked)
@@ -498,8 +501,8 @@ def test_stacked_leaves_are_compressed_per_layer(spec):
     )
   # Same bytes on the wire, and the closed form still matches the payload.
   assert C.payload_nbytes(stacked_payloads) == C.payload_nbytes(payloads)
-  assert C.tree_compressed_nbytes(stacked, spec) == C.payload_nbytes(stacked_payloads)
-  assert C.tree_compressed_nbytes(tree, spec) == C.payload_nbytes(payloads)
+  assert codec.nbytes(stacked) == C.payload_nbytes(stacked_payloads)
+  assert codec.nbytes(tree) == C.payload_nbytes(payloads)
   # Decoding, error feedback and the relative error agree per layer.
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   jax.tree_util.tree_map(close, out["decoded"], out["expected"])
@@ -511,39 +514,40 @@ def test_stacked_leaves_are_compressed_per_layer(spec):
 
 def test_exclusion_rules_use_the_per_layer_rank():
   tree = layout.stack_layers(_unscanned_tree(_rng(13)))
-  specs = C.leaf_specs(tree, C.CompressionSpec("statistical", 2))
+  specs = C.TreeCodec(C.CompressionSpec("statistical", 2)).leaf_specs(tree)
   assert specs["layers"]["mlp_norm"]["scale"] == C.NO_COMPRESSION
   assert specs["layers"]["mlp"]["up"]["kernel"].kind == "statistical"
-  paper = C.leaf_specs(tree, C.CompressionSpec("linear", 2), C.exclude_vectors_embedding_head)
+  paper = C.TreeCodec(C.CompressionSpec("linear", 2), C.exclude_vectors_embedding_head)
+  paper = paper.leaf_specs(tree)
   assert paper["embedding"]["embedding"] == C.NO_COMPRESSION
   assert paper["layers"]["attn"]["q"]["kernel"].kind == "linear"
   # A replaced stacked-axes rule reaches the built-in exclusion rules: with no stacked axes a
   # stacked gain (L, d) is a matrix again.
   no_stack = lambda path, leaf: 0
-  specs = C.leaf_specs(tree, C.CompressionSpec("statistical", 2), stacked_axes=no_stack)
+  specs = C.TreeCodec(C.CompressionSpec("statistical", 2), stacked_axes=no_stack).leaf_specs(tree)
   assert specs["layers"]["mlp_norm"]["scale"].kind == "statistical"
 
 
 def test_relative_error_and_error_feedback_off():
   tree = _model_tree(_rng(14))
-  spec = C.CompressionSpec("statistical", 2)
+  codec = C.TreeCodec(C.CompressionSpec("statistical", 2))
 
   @jax.jit
   def run(tree):
-    decoded = C.roundtrip_tree(tree, spec)
-    # Error feedback off: C(delta) is sent and the buffer (any placeholder) comes back as is.
-    off = C.error_feedback_tree({}, tree, spec, 0.9, use_ef=False)
+    decoded = codec.roundtrip(tree)
+    # Error feedback off (no buffer): C(delta) is sent and no buffer comes back.
+    off = codec.feedback(None, tree, 0.9)
     return {
       "relative_error": C.relative_error(tree, decoded),
-      "relative_compression_error": C.relative_compression_error(tree, spec),
+      "relative_compression_error": codec.relative_error(tree),
       "exact": C.relative_error(tree, tree),
       "off": off,
-      "payloads": C.compress_tree(tree, spec),
+      "payloads": codec.compress(tree),
     }
 
   out = run(tree)
   np.testing.assert_allclose(out["relative_error"], out["relative_compression_error"], rtol=1e-6)
   assert float(out["exact"]) == 0.0
   payloads, same = out["off"]
-  assert same == {}
+  assert same is None
   jax.tree_util.tree_map(np.testing.assert_array_equal, payloads, out["payloads"])

@@ -346,7 +346,7 @@ def test_8bit_compressed_diloco_tracks_uncompressed_and_counts_bytes():
   )
   for a, b in zip(jax.tree.leaves(host(plain.params)), jax.tree.leaves(host(compressed.params))):
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(a)
-  closed_form = 4 * compression.tree_compressed_nbytes(params, spec)
+  closed_form = 4 * compression.TreeCodec(spec).nbytes(params)
   assert float(metrics[-1]["sync_bytes"]) == closed_form
   assert 0 < float(metrics[-1]["compression_error"]) < 0.05
   assert float(metrics[-1]["error_buffer_norm"]) > 0
@@ -373,14 +373,15 @@ def test_error_feedback_buffers_hold_what_was_not_sent(scale):
   before = host(state)
   state, metrics = trainer.outer_sync(state)
   deltas = jax.tree.map(lambda t, w: scale * (t[None] - w), before.params, before.worker_params)
-  sent = [compression.roundtrip_tree(jax.tree.map(lambda d: d[k], deltas), spec) for k in range(4)]
+  roundtrip = compression.TreeCodec(spec).roundtrip
+  sent = [roundtrip(jax.tree.map(lambda d: d[k], deltas)) for k in range(4)]
   norm = lambda tree: np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree)))
   ratios = [norm(sent[k]) / norm(jax.tree.map(lambda d: d[k], deltas)) for k in range(4)]
   np.testing.assert_allclose(metrics["compression_norm_ratio"], np.mean(ratios), rtol=1e-5)
   for k in range(4):
     residual = jax.tree.map(lambda d, s: d[k] - s, deltas, sent[k])
     assert_trees_close(
-      jax.tree.map(lambda e: e[k], host(state.average_state["worker_error"])), residual, atol=1e-6
+      jax.tree.map(lambda e: e[k], host(state.average_state.worker_error)), residual, atol=1e-6
     )
   mean_sent = jax.tree.map(lambda *s: np.mean(s, axis=0), *sent)
   assert_trees_close(
@@ -397,7 +398,7 @@ def test_sync_bytes_match_closed_form_and_two_bits_save_15x():
   for k in (2, 4):
     for average, expected, per_worker in [
       (diloco.mean_average(), 4 * sum(x.size for x in jax.tree.leaves(params)), 2 * (k - 1) / k),
-      (diloco.compressed_average(spec), compression.tree_compressed_nbytes(params, spec), k - 1),
+      (diloco.compressed_average(spec), compression.TreeCodec(spec).nbytes(params), k - 1),
     ]:
       trainer = runtime.DiLoCo(
         stacked_loss_fn, inner, outer, k, sharding.make_mesh(2, 1), average=average
@@ -413,7 +414,7 @@ def test_sync_bytes_match_closed_form_and_two_bits_save_15x():
   config = model_lib.model_config("150m")
   shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
   float32_bytes = 4 * sum(x.size for x in jax.tree.leaves(shapes))
-  assert float32_bytes / compression.tree_compressed_nbytes(shapes, spec) >= 15
+  assert float32_bytes / compression.TreeCodec(spec).nbytes(shapes) >= 15
 
 
 def test_streaming_fragments():

@@ -122,7 +122,9 @@ def test_compressed_muloco_sync_is_the_same_in_both_layouts(problem):
   flips(state.params, stacked_state.params)
   for k in range(num_workers):
     worker = lambda tree: jax.tree.map(lambda x: x[k], tree)
-    flips(worker(state.average_state), worker(stacked_state.average_state))
+    flips(
+      worker(state.average_state.worker_error), worker(stacked_state.average_state.worker_error)
+    )
     flips(worker(state.worker_params), worker(stacked_state.worker_params))
   # Per-layer payloads: the same bytes on the wire (one table scale per layer, per-layer rows).
   assert float(metrics["sync_bytes"]) == float(stacked_metrics["sync_bytes"])

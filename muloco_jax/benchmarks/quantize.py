@@ -2,7 +2,7 @@ r"""Quantizer throughput: encode (quantize + pack) of a preset's whole pseudogra
 
   python -m muloco_jax.benchmarks.quantize [--size=150m] [--repeats=5]
 
-Times `compression.compress_tree` (per leaf: statistics, codes, per-bin table, bit packing;
+Times `compression.TreeCodec.compress` (per leaf: statistics, codes, per-bin table, bit packing;
 norm gains sent as they are) of a random float32 pseudogradient shaped as the preset's
 parameters, for each compressor, against two memory-bandwidth probes in the same run: a sum
 over the tree (reads it once) and x -> 2 x (reads and writes it).  GB/s = bytes of the float32
@@ -62,9 +62,9 @@ def _branch(name, *args, **branches):
 
 
 def encoder(spec, platform=None):
-  """Jitted `compress_tree` for `spec`; with `platform`, traced with every
+  """Jitted `TreeCodec(spec).compress`; with `platform`, traced with every
   `lax.platform_dependent` taking that platform's branch, whatever runs it."""
-  encode = functools.partial(compression.compress_tree, spec=spec)
+  encode = compression.TreeCodec(spec).compress
   if platform is None:
     return jax.jit(encode)
 
@@ -147,7 +147,7 @@ def main(argv):
   for spec, t in zip(SPECS, times[len(probes) :]):
     name = spec.kind if spec.kind == "topk" else f"{spec.kind} {spec.bits}-bit"
     name += "" if spec.kind == "topk" or spec.per_row else " per tensor"
-    sent = compression.tree_compressed_nbytes(tree, spec) / 1e6
+    sent = compression.TreeCodec(spec).nbytes(tree) / 1e6
     print(
       f"| {name} | {sent:.1f} | {1e3 * t:.0f} | {nbytes / t / 1e9:.2f} | "
       f"{nbytes / t / read_rate:.2f} |"
