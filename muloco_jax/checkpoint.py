@@ -142,6 +142,21 @@ def _arrays(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   }
 
 
+def _named_leaves(tree) -> dict[str, Any]:
+  """{"params.embed": leaf, ...}, named as `_arrays` names them."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+
+
+def _laid_out_as(structure, leaves_by_name: dict[str, Any]):
+  """`structure`'s containers with each leaf replaced by the leaf of its name: moves a state
+  between its own containers (NamedTuples, None for an absent buffer) and those a checkpoint
+  holds (dicts, lists, empty ones), which `structure_differences` has matched by name."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: leaves_by_name[".".join(_key_name(k) for k in path)], structure
+  )
+
+
 def _describe(array: tuple[tuple[int, ...], np.dtype]) -> str:
   shape, dtype = array
   return f"{list(shape)} {dtype.name}"
@@ -236,12 +251,16 @@ class Checkpointer:
         metadata = self._retrying(f"reading checkpoint {step}", lambda: self._state_metadata(step))
         differences = structure_differences(metadata, abstract_state)
         if not differences:
+          # Restored into the checkpoint's own containers, then into this run's: the arrays
+          # match by name, and a container that changed type between versions (a dict of
+          # buffers that became a NamedTuple) holds no array of its own.
+          target = _laid_out_as(metadata, _named_leaves(abstract_state))
           restored = self._retrying(
             f"restoring checkpoint {step}",
             lambda: self._manager.restore(
               step,
               args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
               ),
             ),
           )
@@ -253,7 +272,7 @@ class Checkpointer:
         continue
       if differences:
         raise IncompatibleCheckpointError(self._incompatible_message(step, differences, config))
-      result = step, restored.state, restored.data
+      result = step, _laid_out_as(abstract_state, _named_leaves(restored.state)), restored.data
       break
     for step in unreadable:
       logging.warning("Moved the unreadable checkpoint %d to %s.", step, self._set_aside(step))

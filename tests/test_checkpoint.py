@@ -253,6 +253,31 @@ def test_toy_checkpoint_restores(toy):
   np.testing.assert_array_equal(state.params["w"], np.arange(12).reshape(4, 3))
 
 
+class _Buffers(NamedTuple):
+  worker_error: dict | None
+  owner_error: dict | None
+
+
+def test_containers_that_changed_type_restore_by_array_names(tmp_path):
+  # Before the averagers' NamedTuple states, their buffers were a dict holding only the
+  # buffers a run kept ({} without error feedback): such checkpoints restore by array names.
+  errors = {"w": jnp.full((2, 4, 3), 0.5)}
+  cases = [({"worker_error": errors}, _Buffers(errors, None)), ({}, _Buffers(None, None))]
+  for index, (saved_buffers, buffers) in enumerate(cases):
+    directory = tmp_path / str(index)
+    with _opened(directory) as checkpointer:
+      checkpointer.save(1, {"state": _toy_state(), "buffers": saved_buffers}, {"position": 1})
+    with _opened(directory) as checkpointer:
+      abstract = jax.eval_shape(lambda: {"state": _toy_state(), "buffers": buffers})
+      step, restored, _ = checkpointer.restore_latest(abstract)
+    assert step == 1 and isinstance(restored["buffers"], _Buffers)
+    assert jax.tree.structure(restored) == jax.tree.structure(abstract)
+    np.testing.assert_array_equal(restored["state"].params["w"], np.arange(12).reshape(4, 3))
+    if buffers.worker_error is not None:
+      np.testing.assert_array_equal(restored["buffers"].worker_error["w"], errors["w"])
+    assert _steps(directory) == ["1"]  # nothing set aside
+
+
 @pytest.mark.parametrize(
   "other, difference",
   [
