@@ -41,8 +41,9 @@ the first run, `data.vocab_size` pieces) the `model.size` preset's vocabulary is
 128256 for the paper sizes, the vocabulary the paper trains them with.
 
 The last line of stdout is JSON: {"fits", "peak_bytes_per_device" (the maximum over the
-programs and the restore), "hbm_bytes", "topology", "programs": {name: {...}}}.  The exit status is 1 when a program does not fit (stderr says what
-to change), and bad flags or settings fail before anything is compiled, naming the setting.
+programs and the restore), "hbm_bytes", "topology", "programs": {name: {...}}}.  The exit
+status is 1 when a program does not fit (stderr says what to change), and bad flags or
+settings fail before anything is compiled, naming the setting.
 """
 
 from __future__ import annotations
@@ -176,8 +177,9 @@ def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh, dict
   model = train.make_model(config, vocab)
   init_params = functools.partial(model_lib.init_params, model.config)
   param_shapes = jax.eval_shape(init_params, jax.random.key(config.seed))
+  loss_fn = train.make_loss_fn(model)
   algorithm = train.make_algorithm(
-    config, train.make_loss_fn(model), train.make_optimizer(config), param_shapes, mesh
+    config, loss_fn, train.make_optimizer(config), param_shapes, mesh
   )
   tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32)
   jobs = algorithm.programs(
@@ -190,7 +192,7 @@ def programs(config, devices, vocab: int) -> tuple[dict, jax.sharding.Mesh, dict
     sharding=sharding.rows_over_devices(mesh),
   )
   jobs["eval_step"] = (
-    train.make_eval_step(train.make_loss_fn(model), mesh),
+    train.make_eval_step(loss_fn, mesh),
     (algorithm.params(state), {"inputs": eval_tokens, "targets": eval_tokens}),
   )
   return jobs, mesh, state

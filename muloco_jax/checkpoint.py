@@ -130,22 +130,26 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def _arrays(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """{"params.embed": (shape, dtype), ...} of a tree of arrays, ShapeDtypeStructs or orbax
-  array metadata, named as orbax names them (NamedTuples as dicts, tuples as lists)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {
-    ".".join(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype))
-    if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
-    else (np.shape(leaf), np.result_type(leaf))
-    for path, leaf in flat
-  }
+def _path_name(path) -> str:
+  return ".".join(_key_name(k) for k in path)
 
 
 def _named_leaves(tree) -> dict[str, Any]:
-  """{"params.embed": leaf, ...}, named as `_arrays` names them."""
+  """{"params.embed": leaf, ...}, named as orbax names them (NamedTuples as dicts, tuples as
+  lists)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+  return {_path_name(path): leaf for path, leaf in flat}
+
+
+def _arrays(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{"params.embed": (shape, dtype), ...} of a tree of arrays, ShapeDtypeStructs or orbax
+  array metadata (`_named_leaves`)."""
+  return {
+    name: (tuple(leaf.shape), np.dtype(leaf.dtype))
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+    else (np.shape(leaf), np.result_type(leaf))
+    for name, leaf in _named_leaves(tree).items()
+  }
 
 
 def _laid_out_as(structure, leaves_by_name: dict[str, Any]):
@@ -153,7 +157,7 @@ def _laid_out_as(structure, leaves_by_name: dict[str, Any]):
   between its own containers (NamedTuples, None for an absent buffer) and those a checkpoint
   holds (dicts, lists, empty ones), which `structure_differences` has matched by name."""
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: leaves_by_name[".".join(_key_name(k) for k in path)], structure
+    lambda path, _: leaves_by_name[_path_name(path)], structure
   )
 
 

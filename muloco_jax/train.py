@@ -416,19 +416,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except BaseException:
     checkpointer.close()
     raise
+  start_step, comm_bytes_total = 0, 0.0
   if restored is None:
     # Jitted (eager init would compile every op of every layer's initialiser separately), and
     # laid out as the state holds them (not whole on one device).
     state = algorithm.init(jax.jit(init_params, out_shardings=algorithm.init_sharding)(rng))
-  live_bytes = sharding.live_bytes_per_device()  # the state, restored or initialised, alone
-  start_step, comm_bytes_total = 0, 0.0
-  if restored is not None:
+  else:
     try:
       check_resumable_schedule(restored[2].get("sync_schedule"), config, restored[0])
     except ValueError:
       checkpointer.close()
       raise
     start_step, state, meta = restored
+  live_bytes = sharding.live_bytes_per_device()  # the state, restored or initialised, alone
   saved_config = checkpointer.saved_config()  # before this run's replaces it
   checkpointer.write_config(config)
   iterator = data.train_iterator(tc.batch_size, config.seed, algorithm.batch_rows(tc.batch_size))
