@@ -28,9 +28,10 @@ setuptools.setup(
     "numpy",
   ],
   extras_require={
-    # Compiling for TPU topologies on any host (`python -m muloco_jax.aot`, the planner tests):
-    # the libtpu that jax 0.10.2's own `jax[tpu]` extra names.  Not in `test`: once installed,
-    # every jax start off a TPU host logs libtpu's failed initialisation unless JAX_PLATFORMS is set.
+    # Compiling for TPU topologies on any host (`python -m muloco_jax.tools.aot`, the planner
+    # tests): the libtpu that jax 0.10.2's own `jax[tpu]` extra names.  Not in `test`: once
+    # installed, every jax start off a TPU host logs libtpu's failed initialisation unless
+    # JAX_PLATFORMS is set.
     "tpu": ["libtpu==0.0.42.*"],
     "test": [
       "pytest",

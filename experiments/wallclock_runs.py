@@ -11,11 +11,11 @@ inner) K=8 in float32; MuLoCo K=8 with row-wise statistical 4-bit and 2-bit pseu
 error feedback on (decay 0.9) and the wide-area collective `compression.collective=
 "reduce_scatter"` (owners' error feedback on).
 
-The runs are then replayed by `muloco_jax.wallclock` on links of `--bandwidth` bytes/s per worker
-(1.25e8 = 1 Gbit/s, 1.25e10 = 100 Gbit/s).  The loss curves are the tiny runs'; the bytes and the
-compute step time are modelled for the `--model_size` preset (150m, float32 parameters):
+The runs are then replayed by `muloco_jax.tools.wallclock` on links of `--bandwidth` bytes/s per
+worker (1.25e8 = 1 Gbit/s, 1.25e10 = 100 Gbit/s).  The loss curves are the tiny runs'; the bytes
+and the compute step time are modelled for the `--model_size` preset (150m, float32 parameters):
 
-  * bytes: `muloco_jax.wallclock` takes a DiLoCo run's bytes from its logged
+  * bytes: `muloco_jax.tools.wallclock` takes a DiLoCo run's bytes from its logged
     `sync_bytes_per_worker` (the tiny model's payloads; `--param_bytes` only sets the float32
     gradient of a data-parallel run).  So this script writes a copy of each run's metrics.jsonl
     under OUT/wallclock/runs_<size>/<run>/ in which every sync's `sync_bytes_per_worker` is the
@@ -169,7 +169,7 @@ def derived_step_time(size, seq_len, sequences, peak, mfu):
 def write_modelled_run(workdir, dest, size):
   """Copies the run's config.json and metrics.jsonl to `dest`, each sync's bytes replaced by
   the closed form on `size`'s parameters; returns the bytes of one sync (logged, tiny, size)."""
-  from muloco_jax import wallclock
+  from muloco_jax.tools import wallclock
 
   records, config = wallclock.load_run(workdir)
   info = {"workdir": os.path.abspath(workdir), "model_size": size}
@@ -221,7 +221,7 @@ def _gbit(bw):
 
 def target_step(run_dir, loss_key, target):
   """First logged step whose `loss_key` is <= `target` (None: never)."""
-  from muloco_jax import wallclock
+  from muloco_jax.tools import wallclock
 
   records, _ = wallclock.load_run(run_dir)
   steps, losses = wallclock.loss_series(records, loss_key)
@@ -229,7 +229,7 @@ def target_step(run_dir, loss_key, target):
 
 
 def markdown_table(result, descriptions):
-  from muloco_jax import wallclock
+  from muloco_jax.tools import wallclock
 
   bws = result["bandwidths"]
   header = ["run", "K", "H", "compression", "MiB/worker/sync", "final eval loss", "target at step"]
@@ -261,7 +261,7 @@ def markdown_table(result, descriptions):
 
 
 def cli_command(dirs, result, png, param_bytes_value):
-  args = ["python", "-m", "muloco_jax.wallclock", *[os.path.relpath(d) for d in dirs]]
+  args = ["python", "-m", "muloco_jax.tools.wallclock", *[os.path.relpath(d) for d in dirs]]
   args += [
     "--bandwidth=" + ",".join(f"{b:g}" for b in result["bandwidths"]),
     f"--step_time={result['step_time']!r}",
@@ -276,7 +276,7 @@ def main(argv):
   del argv
   fl = flags.FLAGS
   common.setup_jax()
-  from muloco_jax import wallclock
+  from muloco_jax.tools import wallclock
 
   chosen = [c for c in CELLS if c[0] in fl.cells]
   unknown = set(fl.cells) - {c[0] for c in CELLS}

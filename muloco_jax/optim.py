@@ -600,7 +600,7 @@ def scale_by_muon(
   Newton-Schulz on each leaf has XLA either gather every matrix onto every
   device of the axis or split each product of every iteration with
   collectives (150M on 8 CPU devices: 360 all-gathers and 132 all-reduces a
-  step, see `muloco_jax.benchmarks.sharded_muon`).  Instead, when `shard_axis`
+  step, see `muloco_jax.tools.benchmarks.sharded_muon`).  Instead, when `shard_axis`
   names an axis of size F > 1 of the mesh in context (`jax.set_mesh`; an Auto
   axis), the N matrices of each (fan_in, fan_out, dtype), from all leaves and
   all their stacked layers, form one stack [N, fan_in, fan_out], zero-padded

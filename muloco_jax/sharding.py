@@ -11,7 +11,7 @@ worker row owns 1/W of them; with a compressing one every worker row keeps them 
 Data parallelism (K = 0) uses the same rule, with the ``worker`` axis as plain replicas.
 
 Everything here works from shapes (``jax.ShapeDtypeStruct``) as well as arrays, so programs can
-be compiled for a topology that is not attached (``muloco_jax.aot``).
+be compiled for a topology that is not attached (``muloco_jax.tools.aot``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`python -m muloco_jax.aot`: the training programs compiled for TPU topologies on this CPU host."""
+"""`python -m muloco_jax.tools.aot`: the training programs compiled for TPU topologies on this
+CPU host."""
 
 import importlib.util
 import json
@@ -22,7 +23,7 @@ def _aot(config, topology, *overrides, timeout=600):
   command = [
     sys.executable,
     "-m",
-    "muloco_jax.aot",
+    "muloco_jax.tools.aot",
     f"--config=configs/{config}.py",
     f"--topology={topology}",
     *overrides,
@@ -231,7 +232,7 @@ def test_15b_muloco_on_v5p_4x4x4():
 
 def test_collectives_parser():
   """Counts, operand bytes and worker crossing from compiled-HLO lines (2 workers x 2 devices)."""
-  from muloco_jax import aot
+  from muloco_jax.tools import aot
 
   hlo = "\n".join(
     [

@@ -1,4 +1,4 @@
-"""The train-step benchmark (`muloco_jax.benchmarks.train_step`) and its peak (`peak.py`).
+"""The train-step benchmark (`muloco_jax.tools.benchmarks.train_step`) and its peak (`peak.py`).
 
 Tables 3-5 come from the harness and bare loops run in process on a tiny model (few steps, one
 window), where every batch the algorithm's `train_step` is given is recorded: the bare loop
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from muloco_jax import runtime
-from muloco_jax.benchmarks import peak as peak_lib
-from muloco_jax.benchmarks import train_step
+from muloco_jax.tools.benchmarks import peak as peak_lib
+from muloco_jax.tools.benchmarks import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +133,7 @@ def test_benchmark_prints_tables_1_and_2(tmp_path):
   command = [
     sys.executable,
     "-m",
-    "muloco_jax.benchmarks.train_step",
+    "muloco_jax.tools.benchmarks.train_step",
     "--size=tiny",
     "--seq_len=16",
     "--batch_size=1",

@@ -107,7 +107,7 @@ def test_wallclock_runs_smoke(tmp_path):
     assert muloco["total_seconds"][bw] < dp["total_seconds"][bw]
   metrics = (sweep / "runs_150m" / "MuLoCo-K8-2bit" / "metrics.jsonl").read_text()
   assert "logged_sync_bytes_per_worker" in metrics
-  assert "python -m muloco_jax.wallclock" in (sweep / "table.md").read_text()
+  assert "python -m muloco_jax.tools.wallclock" in (sweep / "table.md").read_text()
 
 
 def _python3_kernel(tmp_path):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muloco_jax import aot, compression, diloco, optim, runtime, sharding
+from muloco_jax import compression, diloco, optim, runtime, sharding
+from muloco_jax.tools import aot
 from scanned_mlp import ScannedMLP
 
 D, H, V, L = 32, 64, 64, 2  # every dimension divisible by 8

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muloco_jax import aot
+from muloco_jax.tools import aot
 from muloco_jax import config as config_lib
 from muloco_jax import model as model_lib
 from muloco_jax import train

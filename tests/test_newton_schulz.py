@@ -9,7 +9,7 @@ import pytest
 import muloco_jax
 from muloco_jax import config as config_lib
 from muloco_jax import optim
-from muloco_jax.benchmarks.sharded_muon import dot_flops
+from muloco_jax.tools.benchmarks.sharded_muon import dot_flops
 
 SCHEDULES = ("classic", "muloco", "polar_express")
 METHODS = ("newton_schulz", "gram")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _devices(topology):
-  from muloco_jax import aot  # imports libtpu's topologies
+  from muloco_jax.tools import aot  # imports libtpu's topologies
 
   return aot.topology_devices(topology, 1)
 

@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from muloco_jax import aot, compression, config as config_lib, diloco, runtime, sharding
-from muloco_jax.benchmarks import sync_bytes
+from muloco_jax import compression, config as config_lib, diloco, runtime, sharding
+from muloco_jax.tools import aot
+from muloco_jax.tools.benchmarks import sync_bytes
 from scanned_mlp import ScannedMLP
 
 V, D, F, L = 37, 24, 40, 2  # 37 rows split over 4 or 8 owners: the last chunks are padding
@@ -178,7 +179,7 @@ def test_compiled_traffic_is_the_closed_form(collective):
 
 
 def test_reduce_scatter_sends_under_0_3x_of_all_gather_on_150m_at_k8():
-  """The README's table (python -m muloco_jax.benchmarks.sync_bytes): at K=8, 2 and 4 bits."""
+  """The README's table (python -m muloco_jax.tools.benchmarks.sync_bytes): at K=8, 2 and 4 bits."""
   (row,) = sync_bytes.table("150m", [8], [2, 4], "vectors")
   for bits in (2, 4):
     assert row[f"{bits}-bit reduce_scatter"] <= 0.3 * row[f"{bits}-bit all_gather"]

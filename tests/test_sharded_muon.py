@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from muloco_jax import optim
-from muloco_jax.benchmarks.sharded_muon import collectives, dot_flops
+from muloco_jax.tools.benchmarks.sharded_muon import collectives, dot_flops
 
 # Hidden matrices of several per-layer shapes: wide, tall, three squares, and a scanned stack
 # (`layers`: its leading axis is the layer axis) sharing the wide shape: groups of 16, 1 and 3

@@ -46,7 +46,7 @@ def _slow_link_warnings(caplog):
 @needs_libtpu
 def test_hosts_of_one_tpu_slice_share_its_links(caplog):
   """15b MuLoCo K=8 on one v5p-128 slice (16 hosts): 8 worker rows of 8 chips, no warning."""
-  from muloco_jax import aot
+  from muloco_jax.tools import aot
 
   devices = aot.topology_devices("v5p:4x4x4", 1)
   with caplog.at_level(logging.WARNING):
@@ -59,7 +59,7 @@ def test_hosts_of_one_tpu_slice_share_its_links(caplog):
 def test_workers_take_the_links_between_slices(caplog):
   """Two v5p:2x2x1 slices: K=2 puts a worker on each slice; K=1 must stretch fsdp over both,
   and says so."""
-  from muloco_jax import aot
+  from muloco_jax.tools import aot
 
   devices = aot.topology_devices("v5p:2x2x1", 2)
   with caplog.at_level(logging.WARNING):

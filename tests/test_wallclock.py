@@ -1,4 +1,4 @@
-"""Tests of `python -m muloco_jax.wallclock`: the closed forms of the wall-clock model on
+"""Tests of `python -m muloco_jax.tools.wallclock`: the closed forms of the wall-clock model on
 synthetic runs, the CLI end to end, and one real tiny run of `train.train_and_evaluate`."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 
 from muloco_jax import metrics as metrics_lib
 from muloco_jax import train
-from muloco_jax import wallclock
+from muloco_jax.tools import wallclock
 from tiny_run import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -176,7 +176,7 @@ def _two_runs(tmp_path):
 def test_cli_end_to_end(tmp_path, capsys):
   runs = _two_runs(tmp_path)
   out = tmp_path / "plots" / "wallclock.png"
-  code = wallclock.main([*runs, "--bandwidth=1e9,1e11", f"--out={out}", "--latency=0.1"])
+  code = wallclock.cli(runs, "1e9,1e11", str(out), latency=0.1)
   assert code == 0
   assert out.read_bytes()[:8] == PNG_MAGIC
   stdout = capsys.readouterr().out
@@ -203,8 +203,8 @@ def test_cli_target_never_and_data_parallel(tmp_path, capsys):
   runs = _two_runs(tmp_path)
   dp = _write_run(tmp_path / "dp", _records(sync_every=0), _config(num_workers=0))
   out = tmp_path / "w.png"
-  args = [*runs, dp, "--bandwidth=1e9", f"--out={out}", "--target_loss=0.12"]
-  assert wallclock.main([*args, "--param_bytes=1e8"]) == 0
+  code = wallclock.cli([*runs, dp], "1e9", str(out), target_loss=0.12, param_bytes=1e8)
+  assert code == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   by_name = {r["run"]: r for r in result["runs"]}
   assert by_name["k4_h50_2bit"]["seconds_to_target"]["1e+09"] is None  # final 0.15 > 0.12
@@ -215,19 +215,19 @@ def test_cli_target_never_and_data_parallel(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-  "args, message",
+  "flag_values, message",
   [
-    (["--bandwidth=0"], "--bandwidth=0"),
-    (["--bandwidth=1e9,-5"], "--bandwidth=-5"),
-    (["--bandwidth=fast"], "--bandwidth: 'fast'"),
-    (["--bandwidth=1e9", "--step_time=0"], "--step_time"),
-    (["--bandwidth=1e9", "--latency=-1"], "--latency"),
+    (dict(bandwidth="0"), "--bandwidth=0"),
+    (dict(bandwidth="1e9,-5"), "--bandwidth=-5"),
+    (dict(bandwidth="fast"), "--bandwidth: 'fast'"),
+    (dict(bandwidth="1e9", step_time=0.0), "--step_time"),
+    (dict(bandwidth="1e9", latency=-1.0), "--latency"),
   ],
 )
-def test_cli_bad_flags_name_the_flag(tmp_path, capsys, args, message):
+def test_cli_bad_flags_name_the_flag(tmp_path, capsys, flag_values, message):
   runs = _two_runs(tmp_path)
   with pytest.raises(SystemExit) as e:
-    wallclock.main([*runs, *args, f"--out={tmp_path / 'x.png'}"])
+    wallclock.cli(runs, out=str(tmp_path / "x.png"), **flag_values)
   assert e.value.code not in (0, None)
   assert message in str(e.value.code)
   assert not (tmp_path / "x.png").exists()
@@ -246,15 +246,23 @@ def test_cli_bad_run_dirs_name_the_run(tmp_path):
     (no_metrics, "no metrics.jsonl"),
   ]:
     with pytest.raises(SystemExit) as e:
-      wallclock.main([good, str(bad), "--bandwidth=1e9", f"--out={tmp_path / 'x.png'}"])
+      wallclock.cli([good, str(bad)], "1e9", str(tmp_path / "x.png"))
     assert str(bad) in str(e.value.code) and why in str(e.value.code)
 
 
 def test_cli_module_entry_point(tmp_path):
-  """`python -m muloco_jax.wallclock`: exit 0 with a PNG; a missing run dir exits 1 naming it."""
+  """`python -m muloco_jax.tools.wallclock`: exit 0 with a PNG; a missing run dir exits 1
+  naming it."""
   runs = _two_runs(tmp_path)
   out = tmp_path / "w.png"
-  command = [sys.executable, "-m", "muloco_jax.wallclock", *runs, "--bandwidth=1e9", f"--out={out}"]
+  command = [
+    sys.executable,
+    "-m",
+    "muloco_jax.tools.wallclock",
+    *runs,
+    "--bandwidth=1e9",
+    f"--out={out}",
+  ]
   done = subprocess.run(command, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr
   assert json.loads(done.stdout.splitlines()[-1])["runs"]
@@ -301,7 +309,7 @@ def test_real_tiny_diloco_run(tmp_path, capsys):
   assert seconds[-1] == pytest.approx(6 * 0.1 + 3 * (0.05 + param_bytes / 1e6), rel=1e-6)
 
   out = tmp_path / "real.png"
-  assert wallclock.main([workdir, "--bandwidth=1e6,1e9", f"--out={out}"]) == 0
+  assert wallclock.cli([workdir], "1e6,1e9", str(out)) == 0
   stdout = capsys.readouterr().out
   print(stdout)
   result = json.loads(stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 r"""Train-state bytes per device: the FSDP layout against the replicated one, from shapes alone.
 
-  python -m muloco_jax.benchmarks.state_bytes [--devices=64] [--workers=2] \
+  python -m muloco_jax.tools.benchmarks.state_bytes [--devices=64] [--workers=2] \
     [--sizes=150m,914m,3.1b,15b]
 
 For each model preset (scanned layers, the preset's vocabulary) it builds the abstract train

@@ -1,6 +1,6 @@
 r"""Quantizer throughput: encode (quantize + pack) of a preset's whole pseudogradient, in GB/s.
 
-  python -m muloco_jax.benchmarks.quantize [--size=150m] [--repeats=5]
+  python -m muloco_jax.tools.benchmarks.quantize [--size=150m] [--repeats=5]
 
 Times `compression.TreeCodec.compress` (per leaf: statistics, codes, per-bin table, bit packing;
 norm gains sent as they are) of a random float32 pseudogradient shaped as the preset's
@@ -29,7 +29,7 @@ import numpy as np
 
 from muloco_jax import compression
 from muloco_jax import model as model_lib
-from muloco_jax.benchmarks.newton_schulz import round_times
+from muloco_jax.tools.benchmarks.newton_schulz import round_times
 
 _SIZE = flags.DEFINE_string(
   "size", "150m", "Model preset whose parameters shape the pseudogradient."

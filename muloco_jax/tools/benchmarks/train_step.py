@@ -1,8 +1,8 @@
 r"""Train-step benchmark: DP tokens/s and MFU, DiLoCo's inner step, the harness against a bare loop.
 
-  python -m muloco_jax.benchmarks.train_step [--size=small] [--batch_size=8] [--seq_len=128]
+  python -m muloco_jax.tools.benchmarks.train_step [--size=small] [--batch_size=8] [--seq_len=128]
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-    python -m muloco_jax.benchmarks.train_step --workers=1,4   # adds K=4 on a 4-device mesh
+    python -m muloco_jax.tools.benchmarks.train_step --workers=1,4   # adds K=4 on a 4-device mesh
 
 Steps are the harness's own (`train.make_loss_fn`, `train.make_optimizer`,
 `runtime.DataParallel`, `runtime.DiLoCo`) in `--dtype` compute with float32
@@ -66,7 +66,7 @@ from muloco_jax import model as model_lib
 from muloco_jax import runtime
 from muloco_jax import sharding
 from muloco_jax import train
-from muloco_jax.benchmarks import peak as peak_lib
+from muloco_jax.tools.benchmarks import peak as peak_lib
 
 PIPELINE_MARGIN = 3  # the input pipeline should outrun the step's consumption this many times
 

@@ -1,6 +1,6 @@
 r"""Bytes one worker sends over its link per sync, by collective, bits and K, from shapes alone.
 
-  python -m muloco_jax.benchmarks.sync_bytes [--size=150m] [--workers=2,8,16] [--bits=2,4] \
+  python -m muloco_jax.tools.benchmarks.sync_bytes [--size=150m] [--workers=2,8,16] [--bits=2,4] \
     [--exclude=vectors]
 
 For the model preset's parameters (nothing is allocated) it prints, per K, the uncompressed

@@ -1,6 +1,6 @@
 r"""Muon under FSDP: per-device Newton-Schulz work and collectives, from compiled programs.
 
-  python -m muloco_jax.benchmarks.sharded_muon [--size=150m] [--fsdp=8] [--schedule=muloco]
+  python -m muloco_jax.tools.benchmarks.sharded_muon [--size=150m] [--fsdp=8] [--schedule=muloco]
 
 Builds the abstract parameters of a preset (scanned layers), shards each over F = `--fsdp`
 virtual CPU devices (`sharding.fsdp_specs`: its largest per-layer dimension divisible by F),

@@ -1,6 +1,6 @@
 """Will a run fit on a TPU slice?  Compiles its training programs for a TPU topology, from any host.
 
-  python -m muloco_jax.aot --config=configs/NAME.py --topology=v5p:4x4x4 [--config.a.b=v]
+  python -m muloco_jax.tools.aot --config=configs/NAME.py --topology=v5p:4x4x4 [--config.a.b=v]
 
 No TPU is needed: libtpu (`pip install -e ".[tpu]"`) compiles for a topology described by
 `jax.experimental.topologies`, and every input is an abstract `jax.ShapeDtypeStruct` carrying the

@@ -1,6 +1,6 @@
 """What K, H and compression buy on a slow network: modelled wall-clock of runs already made.
 
-  python -m muloco_jax.wallclock RUN_DIR... --bandwidth=1e9,1e11 --out=FILE.png \
+  python -m muloco_jax.tools.wallclock RUN_DIR... --bandwidth=1e9,1e11 --out=FILE.png \
     [--step_time=S] [--latency=S] [--target_loss=L] [--dp_replicas=N] [--loss=auto]
 
 Each RUN_DIR is a workdir of `train.train_and_evaluate` (its `metrics.jsonl` and `config.json`).
@@ -55,14 +55,13 @@ sync (per step for DP), compute step time, and per bandwidth the modelled total 
 to reach `--target_loss`, by default the largest final loss among the runs, so every run reaches
 it; "never" if a run does not), and the same as JSON on the last line.  Bad input (a run dir
 without metrics.jsonl or config.json, an empty one, bad flag values) fails naming the run or
-the flag, with exit status 1 (2 for argparse's usage errors).
+the flag, with exit status 1.
 
 `model_time` and `time_to_loss` are the pure core (records and config in, seconds out).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -70,6 +69,8 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 
+from absl import app
+from absl import flags
 import numpy as np
 
 FLOAT32_BYTES = 4
@@ -528,41 +529,6 @@ def plot(result: dict, path: str) -> str:
 # CLI.
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog="python -m muloco_jax.wallclock",
-    description="Modelled wall-clock of training runs on slow links (see the module docstring).",
-  )
-  parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train_and_evaluate workdirs")
-  parser.add_argument(
-    "--bandwidth",
-    required=True,
-    help="bytes per second of each worker's link, comma separated (1e9 = 8 Gbit/s)",
-  )
-  parser.add_argument("--out", required=True, help="the PNG to write")
-  parser.add_argument(
-    "--step_time",
-    type=float,
-    help="compute seconds per step for every run (default: each run's median step_time)",
-  )
-  parser.add_argument("--latency", type=float, default=0.0, help="seconds each exchange pays once")
-  parser.add_argument(
-    "--target_loss", type=float, help="loss to reach (default: the largest final loss)"
-  )
-  parser.add_argument(
-    "--dp_replicas",
-    type=int,
-    help="replicas of a data-parallel run across the link (default: the largest K given)",
-  )
-  parser.add_argument(
-    "--param_bytes",
-    type=float,
-    help="float32 parameter bytes for data parallelism (default: from config.json)",
-  )
-  parser.add_argument("--loss", choices=("auto", *LOSS_KEYS), default="auto")
-  return parser
-
-
 def _bandwidths(text: str) -> list[float]:
   result = []
   for v in filter(None, (v.strip() for v in text.split(","))):
@@ -573,9 +539,20 @@ def _bandwidths(text: str) -> list[float]:
   return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """The CLI; returns 0, or exits with status 1 (bad input: "FATAL ..." on stderr) or 2 (usage)."""
-  args = _parser().parse_intermixed_args(argv)
+def cli(
+  run_dirs: Sequence[str],
+  bandwidth: str,
+  out: str,
+  *,
+  step_time: float | None = None,
+  latency: float = 0.0,
+  target_loss: float | None = None,
+  dp_replicas: int | None = None,
+  param_bytes: float | None = None,
+  loss: str = "auto",
+) -> int:
+  """The CLI with its flags as arguments (`bandwidth` comma separated, as on the command line);
+  returns 0, or exits with status 1 (bad input: "FATAL ..." on stderr)."""
   import jax  # the parameter count only traces shapes: no accelerator to look for
 
   jax.config.update("jax_platforms", "cpu")
@@ -583,25 +560,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", FallbackWarning)
       result = report(
-        args.run_dirs,
-        _bandwidths(args.bandwidth),
-        step_time=args.step_time,
-        latency=args.latency,
-        target_loss=args.target_loss,
-        dp_replicas=args.dp_replicas,
-        param_bytes=args.param_bytes,
-        loss=args.loss,
+        run_dirs,
+        _bandwidths(bandwidth),
+        step_time=step_time,
+        latency=latency,
+        target_loss=target_loss,
+        dp_replicas=dp_replicas,
+        param_bytes=param_bytes,
+        loss=loss,
       )
-    plot(result, args.out)
+    plot(result, out)
   except WallclockError as e:
     sys.exit(f"FATAL {e}")
   for w in caught:
     print(f"WARNING {w.message}", file=sys.stderr)
   print(format_table(result))
-  print(f"Wrote {args.out}")
+  print(f"Wrote {out}")
   print(json.dumps({k: v for k, v in result.items() if k != "curves"}), flush=True)
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError("Give at least one RUN_DIR (a train_and_evaluate workdir).")
+  f = flags.FLAGS
+  return cli(
+    argv[1:],
+    f.bandwidth,
+    f.out,
+    step_time=f.step_time,
+    latency=f.latency,
+    target_loss=f.target_loss,
+    dp_replicas=f.dp_replicas,
+    param_bytes=f.param_bytes,
+    loss=f.loss,
+  )
+
+
+if __name__ == "__main__":  # flags only here: experiments/wallclock_runs.py has its own
+  flags.DEFINE_string(
+    "bandwidth", None, "Bytes per second of each worker's link, comma separated (1e9 = 8 Gbit/s)."
+  )
+  flags.DEFINE_string("out", None, "The PNG to write.")
+  flags.DEFINE_float(
+    "step_time", None, "Compute seconds per step for every run (default: each run's median)."
+  )
+  flags.DEFINE_float("latency", 0.0, "Seconds each exchange pays once.")
+  flags.DEFINE_float("target_loss", None, "Loss to reach (default: the largest final loss).")
+  flags.DEFINE_integer(
+    "dp_replicas", None, "Replicas of a data-parallel run across the link (default: largest K)."
+  )
+  flags.DEFINE_float(
+    "param_bytes", None, "Float32 parameter bytes for data parallelism (default: config.json)."
+  )
+  flags.DEFINE_enum("loss", "auto", ["auto", *LOSS_KEYS], "Loss to plot and reach.")
+  flags.mark_flags_as_required(["bandwidth", "out"])
+  app.run(main)

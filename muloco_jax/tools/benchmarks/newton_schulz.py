@@ -1,6 +1,6 @@
 r"""Newton-Schulz benchmark: each method x schedule against optax.contrib, time and accuracy.
 
-  python -m muloco_jax.benchmarks.newton_schulz [--sizes=150m,914m] [--dtype=float32|bfloat16]
+  python -m muloco_jax.tools.benchmarks.newton_schulz [--sizes=150m,914m] [--dtype=float32|bfloat16]
 
 For each distinct hidden-matrix (Muon) shape of the presets, times `orthogonalize` with every
 method ("newton_schulz", "gram") and schedule ("classic", "muloco", "polar_express"; five
