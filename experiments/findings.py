@@ -12,7 +12,8 @@ allows twice that, and "degrades" means the increase exceeds the margin.
 
 `report` writes experiments/results/summary.json, results/reproduction/{summary,results}.md and
 plots with error bars (mean +- std over seeds), and replaces the tables between the markers
-`<!-- summary:begin -->` and `<!-- summary:end -->` in README.md and experiments/README.md.
+`<!-- summary:begin -->` and `<!-- summary:end -->` in experiments/README.md (the one copy: the
+top-level README links to it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ COMPRESSOR_LABELS = {
   "linear2_tensor": "linear 2-bit, per tensor",
   "topk2": "top-k 2%",
 }
-ROOT = os.path.dirname(common.HERE)
 BEGIN, END = "<!-- summary:begin -->", "<!-- summary:end -->"
 
 
@@ -463,7 +463,7 @@ def replace_block(path: str, text: str) -> None:
 
 
 def report(chosen: dict, runs: dict, *, smoke: bool = False, out: str | None = None) -> list[dict]:
-  """summary.json, the markdown tables, the plots, and the README blocks (not for --smoke)."""
+  """summary.json, the markdown tables, the plots and experiments/README.md's block (not smoke)."""
   import glob
 
   out = out or common.flags.FLAGS.out
@@ -541,7 +541,6 @@ def report(chosen: dict, runs: dict, *, smoke: bool = False, out: str | None = N
     )
   if not smoke and out == common.DEFAULT_RESULTS:
     block = "\n".join(summary + ["", *results])
-    replace_block(os.path.join(ROOT, "README.md"), block)
     replace_block(os.path.join(common.HERE, "README.md"), block)
   print("\n".join(summary))
   return items

@@ -21,7 +21,7 @@ Stages, each a list of cells (one training run each) that depends only on finish
                   their chosen DP learning rates, K in {2, 4, 8}, 3 seeds.
 Then `report`: experiments/results/summary.json (one entry per finding, verdict by the rule in
 `verdict`), experiments/results/reproduction/*.md and *.png, and the tables between the
-`<!-- summary:begin -->` / `<!-- summary:end -->` markers of README.md and experiments/README.md.
+`<!-- summary:begin -->` / `<!-- summary:end -->` markers of experiments/README.md.
 
 Every run has the same token budget (360 steps x 32 sequences x 64 bytes).  A seed sets the
 initialisation and the data order, so cells of one seed are paired.  Several processes may run

@@ -107,3 +107,12 @@ def test_report_writes_the_summary_and_the_readme_block(tmp_path):
   readme.write_text(f"head\n{findings.BEGIN}\nold\n{findings.END}\ntail\n")
   findings.replace_block(str(readme), "new table")
   assert readme.read_text() == f"head\n{findings.BEGIN}\nnew table\n{findings.END}\ntail\n"
+
+
+def test_the_verdict_block_lives_in_experiments_readme_only():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "README.md")) as f:
+    assert findings.BEGIN not in f.read()  # the top-level README links to experiments/README.md
+  with open(os.path.join(root, "experiments", "README.md")) as f:
+    doc = f.read()
+  assert doc.count(findings.BEGIN) == doc.count(findings.END) == 1
