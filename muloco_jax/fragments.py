@@ -7,7 +7,7 @@ A fragment is a set of top-level parameter keys synced together; ``None`` is the
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 PyTree = Any
 # The top-level parameter keys a fragment holds; None: the whole tree.
@@ -47,6 +47,23 @@ def split_into_fragments(params: dict, num_fragments: int) -> tuple[tuple[str, .
     if key not in layers:
       fragments[0 if "embed" in key else -1].append(key)
   return tuple(tuple(f) for f in fragments)
+
+
+class StepSyncs(NamedTuple):
+  """What runs at one step (``SyncSchedule.at``), fragments by number.
+
+  Attributes:
+    exchanged: with overlap, the exchanges run in the step's program (beside its inner step).
+    adopted: with overlap, the adoptions after the step's inner step, in the same program.
+    settled: at the final step with overlap, ``(sync step, fragment)`` of the exchanges still
+      in flight, adopted after the step's program.
+    synced: the syncs (exchange and adoption at once) after the step's program.
+  """
+
+  exchanged: tuple[int, ...]
+  adopted: tuple[int, ...]
+  settled: tuple[tuple[int, int], ...]
+  synced: tuple[int, ...]
 
 
 class SyncSchedule:
@@ -108,3 +125,13 @@ class SyncSchedule:
     """With overlap: ``(sync step, fragment)`` of the exchanges run by ``step`` and adopted only
     after it."""
     return [(s, f) for s in range(step - self.overlap_steps + 1, step) for f in self.due(s)]
+
+  def at(self, step: int, final: bool = False) -> StepSyncs:
+    """Everything that syncs at ``step``: the one answer the runtime's steps and its list of
+    compiled programs both follow."""
+    return StepSyncs(
+      exchanged=tuple(self.exchanged(step)),
+      adopted=tuple(self.adopted(step)),
+      settled=tuple(self.in_flight(step)) if final and self.overlap_steps else (),
+      synced=tuple(self.synced_at_once(step, final)),
+    )

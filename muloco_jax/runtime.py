@@ -9,7 +9,7 @@ for compiling ahead of time).  Layouts are built from the parameters' shapes at 
 from shapes alone (e.g. for a compile-only TPU topology).
 
 Every traced function runs with the mesh in context, so sharding constraints inside the step
-(Muon's all-to-all, the compressed exchange's gather) can name mesh axes.
+(Muon's all-to-all) can name mesh axes.
 """
 
 from __future__ import annotations
@@ -42,6 +42,13 @@ def _on_mesh(mesh: Mesh, fn: Callable) -> Callable:
       return fn(*args)
 
   return traced
+
+
+def _jit(mesh: Mesh, fn: Callable, in_shardings, out_shardings, **kwargs) -> Callable:
+  """``jax.jit`` of ``fn`` traced on ``mesh`` (``_on_mesh``)."""
+  return jax.jit(
+    _on_mesh(mesh, fn), in_shardings=in_shardings, out_shardings=out_shardings, **kwargs
+  )
 
 
 def _shapes(tree: PyTree) -> PyTree:
@@ -129,11 +136,12 @@ class DataParallel(_Layout):
       lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
       out_shardings=self.state_sharding,
     )
-    self._step = jax.jit(
-      _on_mesh(mesh, train_step),
+    self._step = _jit(
+      mesh,
+      train_step,
+      (self.state_sharding, self.batch_sharding),
+      (self.state_sharding, jax.NamedSharding(mesh, P())),
       donate_argnums=0,
-      in_shardings=(self.state_sharding, self.batch_sharding),
-      out_shardings=(self.state_sharding, jax.NamedSharding(mesh, P())),
     )
 
   def batch_rows(self, global_batch_size: int) -> np.ndarray:
@@ -174,11 +182,14 @@ class DiLoCo(_Layout):
 
   Each worker runs ``diloco.optimizer_step`` on its own batch; ``inner_step`` vmaps it over the
   leading worker axis (``spmd_axis_name="worker"``), so the per-worker layout is the worker axis
-  prepended to one worker's FSDP sharding.  ``outer_sync`` averages the pseudogradients into
-  the shared parameters, which each worker row owns 1/W of with the mean averager
-  (``sharding.owned_spec``) and keeps whole with a compressing one.  The sync
-  schedule (which fragment syncs after which step, ``fragments.SyncSchedule``) and lost workers
-  (``drops``) are decided here, in ``train_step``.
+  prepended to one worker's FSDP sharding.  ``outer_sync`` is ``diloco.outer_sync``, with its
+  two halves that cross workers (``diloco.average_pseudogradients`` and
+  ``diloco.take_shared``) in ``jax.shard_map`` manual over ``worker`` (FSDP inside stays
+  automatic): their collectives, written out in ``diloco.Workers``, are all the traffic between
+  workers.  The shared parameters are split over the rows with the mean averager (each owns
+  1/W, ``sharding.owned_spec``) and kept whole by every row with a compressing one.  Which
+  fragment syncs at a step is ``fragments.SyncSchedule.at``; lost workers (``drops``) are
+  decided in ``train_step``.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``; batch is a dict of arrays with a leading
@@ -242,32 +253,25 @@ class DiLoCo(_Layout):
       raise ValueError(f"diloco.mixing={mixing} must be in [0, 1]")
     self.mixing = float(mixing)
     self._everyone = None  # the placed all-active mask (`_active`)
-    # A mean: the workers' parameters move to the owners of the shared shards (an all-to-all)
-    # and the average is local there.  A compressing averager encodes each worker's
-    # pseudogradient where it is, and its packed payloads travel.
-    self.regroup = self.average.coordinatewise
     self.batch_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS, FSDP_AXIS))
     self.active_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS))
 
-  def _build(self, param_shapes):
-    mesh, inner_tx, outer_tx = self.mesh, self.inner_tx, self.outer_tx
-    k, fragments = self.num_workers, self.fragments
+  def _specs(self, param_shapes) -> diloco.DiLoCoState:
+    """The state's PartitionSpecs: the worker axis prepended to one worker's FSDP specs; the
+    shared parameters and outer states split over the rows too with a coordinatewise averager
+    (each row owns 1/W of them), kept whole by every row with a compressing one (which hands
+    every row the same decoded average: only packed payloads then cross workers)."""
+    mesh, fragments = self.mesh, self.fragments
     worker_specs = sharding.fsdp_specs(param_shapes, mesh.shape[FSDP_AXIS])
-    # The mean is coordinatewise, so each worker row can own 1/W of the shared parameters and
-    # outer state.  A compressing averager hands every worker the same decoded average, and
-    # every worker keeps the shared parameters and steps the outer optimizer itself: then only
-    # packed payloads cross workers (pseudogradients need theta_ref at every worker).
-    owned = (
-      sharding.owned_specs(param_shapes, worker_specs, mesh)
-      if self.average.coordinatewise
-      else worker_specs
-    )
+    owned = worker_specs
+    if self.average.coordinatewise:
+      owned = sharding.owned_specs(param_shapes, worker_specs, mesh)
     inner_specs = sharding.state_specs(
-      jax.eval_shape(inner_tx.init, param_shapes), param_shapes, worker_specs
+      jax.eval_shape(self.inner_tx.init, param_shapes), param_shapes, worker_specs
     )
     outer_specs = tuple(
       sharding.state_specs(
-        jax.eval_shape(outer_tx.init, fragments_lib.subtree(param_shapes, f)),
+        jax.eval_shape(self.outer_tx.init, fragments_lib.subtree(param_shapes, f)),
         fragments_lib.subtree(param_shapes, f),
         fragments_lib.subtree(owned, f),
       )
@@ -276,113 +280,108 @@ class DiLoCo(_Layout):
     stacked = lambda specs: jax.tree.map(
       sharding.per_worker, specs, is_leaf=lambda s: isinstance(s, P)
     )
-    average_specs = sharding.leading_axis_specs(
-      jax.eval_shape(functools.partial(self.average.init, num_workers=k), param_shapes),
-      mesh.shape[FSDP_AXIS],
+    average_shapes = jax.eval_shape(
+      functools.partial(self.average.init, num_workers=self.num_workers), param_shapes
     )
-    specs = diloco.DiLoCoState(
+    return diloco.DiLoCoState(
       params=owned,
       outer_opt_state=outer_specs,
       worker_params=stacked(worker_specs),
       worker_opt_state=stacked(inner_specs),
-      average_state=average_specs,
+      average_state=sharding.leading_axis_specs(average_shapes, mesh.shape[FSDP_AXIS]),
       step=P(),
     )
-    self.state_sharding = sharding.named(mesh, specs)
+
+  def _on_rows(self, owned: PyTree, fragment) -> tuple:
+    """``diloco.average_pseudogradients`` and ``diloco.take_shared`` for one fragment, each
+    mapped over the ``worker`` rows (``sharding.over_workers``) with its collectives."""
+    is_spec = lambda s: isinstance(s, P)
+    theta = jax.tree.map(
+      sharding.worker_part, fragments_lib.subtree(owned, fragment), is_leaf=is_spec
+    )
+    dims = jax.tree.map(sharding.owned_dim, fragments_lib.subtree(owned, fragment), is_leaf=is_spec)
+    workers = diloco.Workers(WORKER_AXIS, dims if self.average.coordinatewise else None)
+    rows = P(WORKER_AXIS)
+    averaging = sharding.over_workers(
+      self.mesh,
+      functools.partial(diloco.average_pseudogradients, average=self.average, workers=workers),
+      in_specs=(theta, rows, rows, rows),
+      out_specs=(theta, rows, P()),
+    )
+    taking = sharding.over_workers(
+      self.mesh,
+      functools.partial(
+        diloco.take_shared,
+        inner_tx=self.inner_tx,
+        fragment=fragment,
+        mixing=self.mixing,
+        workers=workers,
+      ),
+      in_specs=(theta, rows, rows, rows),
+      out_specs=(rows, rows, rows),
+    )
+    return averaging, taking
+
+  def _build(self, param_shapes):
+    inner_tx, outer_tx, fragments = self.inner_tx, self.outer_tx, self.fragments
+    specs = self._specs(param_shapes)
+    self.state_sharding = sharding.named(self.mesh, specs)
     self.init_sharding = self.state_sharding.params
-    replicated = jax.NamedSharding(mesh, P())
+    rows = [self._on_rows(specs.params, f) for f in fragments]
 
     def init(params):
-      return diloco.init(params, inner_tx, outer_tx, k, fragments, self.average)
+      return diloco.init(params, inner_tx, outer_tx, self.num_workers, fragments, self.average)
 
     def inner(state, batch):
       return diloco.inner_step(state, batch, self.loss_fn, inner_tx, spmd_axis_name=WORKER_AXIS)
 
-    to_owners = sharding.named(mesh, jax.tree.map(lambda s: P(None, *s), owned))
-
-    def regroup(fragment_index, worker_params):
-      target = fragments_lib.subtree(to_owners, fragments[fragment_index])
-      return jax.lax.with_sharding_constraint(worker_params, target)
-
-    def exchange(fragment_index, state, active):
+    def exchange(f, state, active):
+      averaging = rows[f][0]
       return diloco.exchange(
+        state, outer_tx, active, self.average, fragments, f, averaging=averaging
+      )
+
+    def adopt(f, state, active):
+      taking = rows[f][1]
+      return diloco.adopt(state, inner_tx, active, fragments, f, self.mixing, taking=taking)
+
+    def outer(f, state, active):
+      averaging, taking = rows[f]
+      return diloco.outer_sync(
         state,
+        inner_tx,
         outer_tx,
         active,
         self.average,
         fragments,
-        fragment_index,
-        regroup=functools.partial(regroup, fragment_index) if self.regroup else None,
+        f,
+        self.mixing,
+        averaging=averaging,
+        taking=taking,
       )
-
-    def adopt(fragment_index, state, active):
-      return diloco.adopt(state, inner_tx, active, fragments, fragment_index, self.mixing)
-
-    def split_metrics(metrics):
-      per_worker = {k: v for k, v in metrics.items() if k.startswith("worker_")}
-      return {k: v for k, v in metrics.items() if k not in per_worker}, per_worker
-
-    def outer(fragment_index, state, active):
-      state, metrics = exchange(fragment_index, state, active)
-      state, reset = adopt(fragment_index, state, active)
-      return state, *split_metrics(dict(metrics, worker_opt_state_reset=reset))
 
     def overlapped(exchanged, adopted, state, batch, exchange_active, adopt_active):
-      # The exchanges read the state as it was after the sync step; the inner step does not
-      # wait for them, and their results (shared parameters, outer and averager states, which
-      # no inner step reads) join its state before the adoptions.
-      synced, syncs = state, []
-      for f in exchanged:
-        synced, metrics = exchange(f, synced, exchange_active)
-        syncs.append(split_metrics(metrics))
-      state, losses = inner(state, batch)
-      state = state._replace(
-        params=synced.params,
-        outer_opt_state=synced.outer_opt_state,
-        average_state=synced.average_state,
-      )
-      reset = jnp.zeros((k,), bool)
-      for f in adopted:
-        state, adopted_reset = adopt(f, state, adopt_active)
-        reset |= adopted_reset
-      return state, losses, syncs, reset
+      exchange_f = lambda f, state: exchange(f, state, exchange_active)
+      adopt_f = lambda f, state: adopt(f, state, adopt_active)
+      return diloco.overlapped_step(state, batch, inner, exchange_f, adopt_f, exchanged, adopted)
 
-    self._init = jax.jit(init, out_shardings=self.state_sharding)
-    self._inner_step = jax.jit(
-      _on_mesh(mesh, inner),
-      donate_argnums=0,
-      in_shardings=(self.state_sharding, self.batch_sharding),
-      out_shardings=(self.state_sharding, self.active_sharding),
-    )
-    self._outer_syncs = tuple(
-      jax.jit(
-        _on_mesh(mesh, functools.partial(outer, f)),
-        donate_argnums=0,
-        in_shardings=(self.state_sharding, self.active_sharding),
-        out_shardings=(self.state_sharding, replicated, self.active_sharding),
-      )
+    state, batch, active = self.state_sharding, self.batch_sharding, self.active_sharding
+    replicated = jax.NamedSharding(self.mesh, P())
+    jit = functools.partial(_jit, self.mesh)
+    per_fragment = lambda fn, out: tuple(
+      jit(functools.partial(fn, f), (state, active), out, donate_argnums=0)
       for f in range(len(fragments))
     )
-    self._adoptions = tuple(
-      jax.jit(
-        _on_mesh(mesh, functools.partial(adopt, f)),
-        donate_argnums=0,
-        in_shardings=(self.state_sharding, self.active_sharding),
-        out_shardings=(self.state_sharding, self.active_sharding),
-      )
-      for f in range(len(fragments))
-    )
-    self._overlapped = jax.jit(
-      _on_mesh(mesh, overlapped),
+    self._init = jax.jit(init, out_shardings=state)
+    self._inner_step = jit(inner, (state, batch), (state, active), donate_argnums=0)
+    self._outer_syncs = per_fragment(outer, (state, replicated))
+    self._adoptions = per_fragment(adopt, (state, active))
+    self._overlapped = jit(
+      overlapped,
+      (state, batch, active, active),
+      (state, active, replicated, active),
       static_argnums=(0, 1),
       donate_argnums=2,
-      in_shardings=(
-        self.state_sharding,
-        self.batch_sharding,
-        self.active_sharding,
-        self.active_sharding,
-      ),
-      out_shardings=(self.state_sharding, self.active_sharding, replicated, self.active_sharding),
     )
 
   def programs(
@@ -413,18 +412,18 @@ class DiLoCo(_Layout):
     period_end = schedule.sync_every + schedule.overlap_steps + 1
     num_steps = num_steps or period_end
     for step in [*range(1, min(num_steps, period_end)), num_steps]:
-      final = step == num_steps
+      syncs = schedule.at(step, final=step == num_steps)
       if schedule.overlap_steps:
-        exchanged, adopted = tuple(schedule.exchanged(step)), tuple(schedule.adopted(step))
-        parts = [fragment("exchange", f, "{} {}") for f in exchanged]
-        parts += [fragment("adopt", f, "{} {}") for f in adopted]
+        parts = [fragment("exchange", f, "{} {}") for f in syncs.exchanged]
+        parts += [fragment("adopt", f, "{} {}") for f in syncs.adopted]
         name = f"overlapped_step[{', '.join(parts)}]" if parts else "inner_step"
-        programs[name] = (self._overlapped, (exchanged, adopted, state, batch, active, active))
-        for _, f in schedule.in_flight(step) if final else ():
-          programs[fragment("adoption", f)] = (self._adoptions[f], (state, active))
+        args = (syncs.exchanged, syncs.adopted, state, batch, active, active)
+        programs[name] = (self._overlapped, args)
       else:
         programs["inner_step"] = (self._inner_step, (state, batch))
-      for f in schedule.synced_at_once(step, final):
+      for _, f in syncs.settled:
+        programs[fragment("adoption", f)] = (self._adoptions[f], (state, active))
+      for f in syncs.synced:
         programs[fragment("outer_sync", f)] = (self._outer_syncs[f], (state, active))
     return programs
 
@@ -484,8 +483,7 @@ class DiLoCo(_Layout):
       if active.shape != (self.num_workers,):
         raise ValueError(f"active must have shape ({self.num_workers},), got {active.shape}")
       active = sharding.place_rows(active, self.active_sharding, active.shape)
-    state, scalars, per_worker = self._outer_syncs[fragment_index](state, active)
-    return state, {**scalars, **per_worker}
+    return self._outer_syncs[fragment_index](state, active)
 
   def active_workers(self, step: int) -> np.ndarray:
     """Bool [K]: the workers not lost at ``step`` (see ``drops``)."""
@@ -513,34 +511,32 @@ class DiLoCo(_Layout):
     return self._everyone
 
   def train_step(self, state, batch, step: int, final: bool):
-    """The inner step and the syncs of ``step`` (see ``fragments.SyncSchedule``): without
+    """The inner step and the syncs of ``step`` (``fragments.SyncSchedule.at``): without
     overlap, the inner step then the syncs due after it; with overlap, one program with the
     inner step, the exchanges of the syncs at ``step - 1`` and the adoptions of those at
     ``step - tau``.  Per-worker ``[K]`` metrics stay on the device; the loop averages them when
     it logs."""
-    schedule, syncs = self.schedule, []
-    if schedule.overlap_steps:
-      exchanged, adopted = schedule.exchanged(step), schedule.adopted(step)
+    tau, syncs = self.schedule.overlap_steps, self.schedule.at(step, final)
+    metrics = []
+    if tau:
       state, losses, exchanges, reset = self._overlapped(
-        tuple(exchanged),
-        tuple(adopted),
+        syncs.exchanged,
+        syncs.adopted,
         state,
         batch,
-        self._active(step - 1, bool(exchanged)),
-        self._active(step - schedule.overlap_steps, bool(adopted), warn=False),
+        self._active(step - 1, bool(syncs.exchanged)),
+        self._active(step - tau, bool(syncs.adopted), warn=False),
       )
-      for scalars, per_worker in exchanges:
-        syncs.append({**scalars, **per_worker, "worker_opt_state_reset": reset})
-      if final:  # nothing may stay in flight: adopt what is
-        for sync_step, f in schedule.in_flight(step):
-          state, _ = self._adoptions[f](state, self._active(sync_step, warn=False))
+      metrics = [dict(m, worker_opt_state_reset=reset) for m in exchanges]
     else:
       state, losses = self.inner_step(state, batch)
-    metrics = {"train_loss": losses["loss"], "grad_norm": losses["grad_norm"]}
-    for f in schedule.synced_at_once(step, final):
+    for sync_step, f in syncs.settled:  # nothing may stay in flight at the end
+      state, _ = self._adoptions[f](state, self._active(sync_step, warn=False))
+    for f in syncs.synced:
       state, sync_metrics = self.outer_sync(state, self._active(step), f)
-      syncs.append(sync_metrics)
-    return state, metrics, [dict(m, worker_train_loss=losses["loss"]) for m in syncs]
+      metrics.append(sync_metrics)
+    step_metrics = {"train_loss": losses["loss"], "grad_norm": losses["grad_norm"]}
+    return state, step_metrics, [dict(m, worker_train_loss=losses["loss"]) for m in metrics]
 
   @staticmethod
   def params(state):
