@@ -107,7 +107,7 @@ ExcludeFn = Callable[[tuple, Any], bool]
 
 def _check_bits(bits) -> None:
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in BITS:
-    raise ValueError(f"compression.bits must be one of {BITS}, got {bits!r}")
+    raise ValueError(f"bits={bits!r} must be one of {BITS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,21 +133,19 @@ class CompressionSpec:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(f"compression.kind must be one of {KINDS}, got {self.kind!r}")
+      raise ValueError(f"kind={self.kind!r} must be one of {KINDS}")
     _check_bits(self.bits)
     if not isinstance(self.per_row, (bool, np.bool_)):
-      raise ValueError(f"compression.per_row must be a bool, got {self.per_row!r}")
+      raise ValueError(f"per_row={self.per_row!r} must be a bool")
     fraction = self.topk_fraction
     if (
       isinstance(fraction, bool)
       or not isinstance(fraction, (int, float))
       or not 0.0 < fraction <= 1.0
     ):
-      raise ValueError(f"compression.topk_fraction must be in (0, 1], got {fraction!r}")
+      raise ValueError(f"topk_fraction={fraction!r} must be in (0, 1]")
     if self.table_dtype not in TABLE_DTYPES:
-      raise ValueError(
-        f"compression.table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}"
-      )
+      raise ValueError(f"table_dtype={self.table_dtype!r} must be one of {TABLE_DTYPES}")
 
   @property
   def n_bins(self) -> int:

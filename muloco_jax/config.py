@@ -267,15 +267,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def compression_spec(config: ml_collections.ConfigDict) -> compression.CompressionSpec:
-  """The `CompressionSpec` of `config.compression` (raises ValueError naming a bad field)."""
+  """The `CompressionSpec` of `config.compression` (raises ValueError naming a bad key)."""
   c = config.compression
-  return compression.CompressionSpec(
-    kind=c.kind,
-    bits=c.bits,
-    per_row=c.per_row,
-    topk_fraction=c.topk_fraction,
-    table_dtype=c.table_dtype,
-  )
+  try:
+    return compression.CompressionSpec(
+      kind=c.kind,
+      bits=c.bits,
+      per_row=c.per_row,
+      topk_fraction=c.topk_fraction,
+      table_dtype=c.table_dtype,
+    )
+  except ValueError as error:  # "bits=3 must be ..." names the field: give its config key
+    raise ValueError(f"compression.{error}") from None
 
 
 def drop_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int, float]]:

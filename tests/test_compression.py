@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from muloco_jax import compression as C
+from muloco_jax import config as config_lib
 from muloco_jax import layout
 
 STAT32 = functools.partial(C.CompressionSpec, "statistical", table_dtype="float32")
@@ -80,13 +81,13 @@ def _fp32_nbytes(tree):
 @pytest.mark.parametrize(
   "kwargs, field",
   [
-    (dict(kind="stat"), "compression.kind"),
-    (dict(kind="linear", bits=3), "compression.bits"),
-    (dict(kind="linear", bits=16), "compression.bits"),
-    (dict(kind="statistical", bits=True), "compression.bits"),
-    (dict(kind="topk", topk_fraction=0.0), "compression.topk_fraction"),
-    (dict(kind="topk", topk_fraction=1.5), "compression.topk_fraction"),
-    (dict(kind="statistical", table_dtype="int8"), "compression.table_dtype"),
+    (dict(kind="stat"), "^kind='stat'"),
+    (dict(kind="linear", bits=3), "^bits=3"),
+    (dict(kind="linear", bits=16), "^bits=16"),
+    (dict(kind="statistical", bits=True), "^bits=True"),
+    (dict(kind="topk", topk_fraction=0.0), "^topk_fraction=0.0"),
+    (dict(kind="topk", topk_fraction=1.5), "^topk_fraction=1.5"),
+    (dict(kind="statistical", table_dtype="int8"), "^table_dtype='int8'"),
   ],
 )
 def test_spec_validation_names_field(kwargs, field):
@@ -95,8 +96,28 @@ def test_spec_validation_names_field(kwargs, field):
 
 
 def test_pack_rejects_bad_bits():
-  with pytest.raises(ValueError, match="compression.bits"):
+  with pytest.raises(ValueError, match="^bits=3"):
     C.pack_bits(jnp.zeros(4, jnp.uint8), 3)
+
+
+def test_config_names_the_bad_compression_key():
+  config = config_lib.default_config()
+  config.diloco.num_workers = 2
+  config.compression.kind, config.compression.bits = "linear", 3
+  with pytest.raises(ValueError, match=r"^compression\.bits=3 must be one of"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 8, 1000, 4096])
+def test_count_at_most_is_searchsorted(length):
+  """The statistical quantizer's per-bin counts on accelerators (a sorted row's entries <= each
+  bin) agree with numpy's searchsorted."""
+  codes = np.sort(np.random.default_rng(length).integers(0, 256, length)).astype(np.int32)
+  bins = np.arange(-1, 257, dtype=np.int32)
+  np.testing.assert_array_equal(
+    C._count_at_most(jnp.asarray(codes), jnp.asarray(bins)),
+    np.searchsorted(codes, bins, side="right"),
+  )
 
 
 # ----------------------------------------------------------------------------- bit packing
