@@ -1,4 +1,5 @@
-"""The train-step benchmark (`muloco_jax.tools.benchmarks.train_step`) and its peak (`peak.py`).
+"""The train-step benchmark (`muloco_jax.tools.benchmarks.train_step`) and its peak (`peak.py`);
+the table of bytes per sync (`sync_bytes.py`).
 
 Tables 3-5 come from the harness and bare loops run in process on a tiny model (few steps, one
 window), where every batch the algorithm's `train_step` is given is recorded: the bare loop
@@ -19,6 +20,7 @@ import pytest
 
 from muloco_jax import runtime
 from muloco_jax.tools.benchmarks import peak as peak_lib
+from muloco_jax.tools.benchmarks import sync_bytes
 from muloco_jax.tools.benchmarks import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,3 +155,11 @@ def test_benchmark_prints_tables_1_and_2(tmp_path):
   rows = [line for line in out.splitlines() if re.match(r"\| (DP )?sgd \| 1 \|", line)]
   assert len(rows) == 2, out
   assert all(0 < float(p) <= 100 for row in rows for p in re.findall(r"([\d.]+)%", row)), rows
+
+
+def test_reduce_scatter_sends_under_0_3x_of_all_gather_on_150m_at_k8():
+  """The README's table (python -m muloco_jax.tools.benchmarks.sync_bytes): at K=8, 2 and 4 bits."""
+  (row,) = sync_bytes.table("150m", [8], [2, 4], "vectors")
+  for bits in (2, 4):
+    assert row[f"{bits}-bit reduce_scatter"] <= 0.3 * row[f"{bits}-bit all_gather"]
+    assert row[f"{bits}-bit reduce_scatter"] < 0.15 * row["float32 mean"]

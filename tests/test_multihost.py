@@ -14,6 +14,7 @@ import launcher
 import layout_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 LAYOUTS = {"process_per_gpu": (4, 2), "process_per_node": (2, 4)}
 # The launcher's runs, on 8 devices in all.
 METHODS = {
@@ -160,3 +161,23 @@ def test_distributed_reads_the_cluster_from_slurm(tmp_path):
   )
   assert [f"Finished 20 steps in {tmp_path / 'run'}" in out for out in outputs] == [True, False]
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "20")
+
+
+def test_two_processes_match_single_process():
+  """(g) Two JAX processes (gloo) agree bit for bit and match a single-process run."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "experiments", "multihost_diloco.py"),
+      "--num_processes=2",
+      "--timeout=150",
+    ],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=180,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "OK: 2 processes agree" in result.stdout

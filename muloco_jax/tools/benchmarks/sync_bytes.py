@@ -7,7 +7,7 @@ For the model preset's parameters (nothing is allocated) it prints, per K, the u
 mean (an all-to-all to the owners of the shared shards and an all-gather back:
 2 (K-1)/K float32 copies) and, for the row-wise statistical quantizer at each bit width, both
 compressed collectives of `diloco.compressed_average` (closed forms of
-`diloco.compressed_sync_bytes`; tests/test_reduce_scatter.py checks them against compiled
+`diloco.compressed_sync_bytes`; tests/test_diloco.py checks them against compiled
 programs and logged metrics):
 
   all_gather       every worker gathers all K payloads: K - 1 payloads;
