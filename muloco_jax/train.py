@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -150,7 +151,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
   `sharding.mesh_for_workers`); raises a ValueError naming `train.batch_size` or
   `train.eval_batch_size` when a batch does not split evenly over it."""
   d, tc = config.diloco, config.train
-  mesh = sharding.mesh_for_workers(d.num_workers, devices, d.fsdp)
+  names = ("diloco.num_workers", "diloco.fsdp")
+  mesh = sharding.mesh_for_workers(d.num_workers, devices, d.fsdp, names=names)
   workers = d.num_workers or mesh.shape[sharding.WORKER_AXIS]
   sharding.check_batch_size("train.batch_size", tc.batch_size, workers, mesh)
   sharding.check_batch_size(
@@ -383,30 +385,23 @@ class Console:
     self._bar.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from WORKDIR's latest good checkpoint), evaluates, logs.
+class _Run(NamedTuple):
+  """A run ready for its first step (`_start_run`)."""
 
-  Returns the last logged record (train and eval metrics of the final step).
-  """
-  config_lib.validate(config)
-  tc = config.train
-  mesh = make_mesh(config)
-  data = data_lib.get_dataset(config.data)
-  model = make_model(config, data.vocab_size)
-  loss_fn = make_loss_fn(model)
-  tx = make_optimizer(config)
-  schedule = make_schedule(config.optimizer, tc.num_steps)
-  init_params = functools.partial(model_lib.init_params, model.config)
-  rng = jax.random.key(config.seed)
-  param_shapes = jax.eval_shape(init_params, rng)
-  algorithm = make_algorithm(config, loss_fn, tx, param_shapes, mesh)
-  primary = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpoint_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    tc.keep_checkpoints,
-    config_path=os.path.join(workdir, checkpoint_lib.CONFIG_FILE),
-  )
+  algorithm: runtime.DataParallel | runtime.DiLoCo
+  data: data_lib.LMData
+  loss_fn: Callable
+  checkpointer: checkpoint_lib.Checkpointer
+  state: Any
+  iterator: Any  # the training batches, from the examples the run has read
+  start_step: int
+  comm_bytes_total: float  # the bytes the run's syncs have sent so far
+  live_bytes: int  # per device, when the state was the only thing allocated
+
+
+def _restore(checkpointer: checkpoint_lib.Checkpointer, algorithm, param_shapes, config):
+  """`checkpointer.restore_latest` into the algorithm's state layout, checked for a resumable
+  sync schedule; closes the checkpointer when either raises."""
   try:
     # Before anything under the workdir changes: a checkpoint of another state layout (model
     # size, K, optimizer...) raises IncompatibleCheckpointError here, leaving it all in place.
@@ -416,17 +411,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except BaseException:
     checkpointer.close()
     raise
+  if restored is not None:
+    try:
+      check_resumable_schedule(restored[2].get("sync_schedule"), config, restored[0])
+    except ValueError:
+      checkpointer.close()
+      raise
+  return restored
+
+
+def _start_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+  """Validates the config and builds the run: its state restored from WORKDIR's latest good
+  checkpoint (the data iterator after the examples that run had read), or initialised."""
+  config_lib.validate(config)
+  tc = config.train
+  mesh = make_mesh(config)
+  data = data_lib.get_dataset(config.data)
+  model = make_model(config, data.vocab_size)
+  loss_fn = make_loss_fn(model)
+  tx = make_optimizer(config)
+  init_params = functools.partial(model_lib.init_params, model.config)
+  rng = jax.random.key(config.seed)
+  param_shapes = jax.eval_shape(init_params, rng)
+  algorithm = make_algorithm(config, loss_fn, tx, param_shapes, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    tc.keep_checkpoints,
+    config_path=os.path.join(workdir, checkpoint_lib.CONFIG_FILE),
+  )
+  restored = _restore(checkpointer, algorithm, param_shapes, config)
   start_step, comm_bytes_total = 0, 0.0
   if restored is None:
     # Jitted (eager init would compile every op of every layer's initialiser separately), and
     # laid out as the state holds them (not whole on one device).
     state = algorithm.init(jax.jit(init_params, out_shardings=algorithm.init_sharding)(rng))
   else:
-    try:
-      check_resumable_schedule(restored[2].get("sync_schedule"), config, restored[0])
-    except ValueError:
-      checkpointer.close()
-      raise
     start_step, state, meta = restored
   live_bytes = sharding.live_bytes_per_device()  # the state, restored or initialised, alone
   saved_config = checkpointer.saved_config()  # before this run's replaces it
@@ -436,60 +456,121 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     iterator.set_state({"examples": examples_consumed(meta["data_iterator"], saved_config, config)})
     comm_bytes_total = meta["comm_bytes_total"]
     logging.info("Resumed from the checkpoint at step %d.", start_step)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
-  writer.truncate_after(start_step)
-  # Goes into the first record this run writes.
-  first_record = {
-    "state_bytes_per_device": sharding.state_bytes_per_device(state),
-    "live_bytes_per_device": live_bytes,
-  }
+  return _Run(
+    algorithm,
+    data,
+    loss_fn,
+    checkpointer,
+    state,
+    iterator,
+    start_step,
+    comm_bytes_total,
+    live_bytes,
+  )
 
-  def write(logged_step: int, host_record: dict) -> None:
-    writer.write(logged_step, {**host_record, **first_record})
-    first_record.clear()
 
-  evaluate = make_evaluate(loss_fn, algorithm.mesh, data, config)
+class _Records:
+  """The run's metric records, written to `metrics.MetricsWriter` (truncated after
+  `start_step`), the first one with `first` merged in.
 
-  tokens_per_step = tc.batch_size * config.data.seq_len
-  console = Console(tc, start_step, primary)
-  # Records of steps whose device values are not read yet: reading them makes the host wait
-  # for the device, so it happens at log and checkpoint steps only.
-  pending: list[tuple[int, dict]] = []
-  record: dict = {}
-  preempted = False
+  The records of steps whose device values are not read yet wait in a list: reading them makes
+  the host wait for the device, so the loop drains it at log, eval and checkpoint steps only.
+  `comm_bytes_total` counts the bytes of every sync read so far.
+  """
 
-  def drain(current_step: int | None = None) -> dict:
+  def __init__(
+    self, workdir: str, start_step: int, enabled: bool, comm_bytes_total: float, first: dict
+  ):
+    self._writer = metrics_lib.MetricsWriter(workdir, enabled=enabled)
+    self._writer.truncate_after(start_step)
+    self._first = first
+    self._pending: list[tuple[int, dict]] = []
+    self.comm_bytes_total = comm_bytes_total
+
+  def add(self, step: int, device_record: dict) -> None:
+    if device_record:
+      self._pending.append((step, device_record))
+
+  def drain(self, current_step: int | None = None) -> dict:
     """Reads the pending records and writes them, except `current_step`'s, which it returns."""
-    nonlocal comm_bytes_total
     current = {}
-    for logged_step, device_record in fetch(pending):
-      host_record = {k: v for k, v in device_record.items() if k != "syncs"}
-      if device_record.get("syncs"):
-        host_record.update(_sync_record(device_record["syncs"]))
-        comm_bytes_total += float(host_record["sync_bytes"])
-        host_record["comm_bytes_total"] = comm_bytes_total
-      for name in ("train_loss", "grad_norm"):  # per-worker vectors under DiLoCo
-        if name in host_record:
-          host_record[name] = float(np.mean(host_record[name]))
+    for logged_step, device_record in fetch(self._pending):
+      host_record = self._host_record(device_record)
       if logged_step == current_step:
         current = host_record
       else:
-        write(logged_step, host_record)
-    pending.clear()
+        self.write(logged_step, host_record)
+    self._pending.clear()
     return current
 
-  timer_step, timer_start = start_step, time.perf_counter()
+  def _host_record(self, device_record: dict) -> dict:
+    host_record = {k: v for k, v in device_record.items() if k != "syncs"}
+    if device_record.get("syncs"):
+      host_record.update(_sync_record(device_record["syncs"]))
+      self.comm_bytes_total += float(host_record["sync_bytes"])
+      host_record["comm_bytes_total"] = self.comm_bytes_total
+    for name in ("train_loss", "grad_norm"):  # per-worker vectors under DiLoCo
+      if name in host_record:
+        host_record[name] = float(np.mean(host_record[name]))
+    return host_record
+
+  def write(self, step: int, host_record: dict) -> None:
+    self._writer.write(step, {**host_record, **self._first})
+    self._first = {}
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class _Timer:
+  """Seconds per step, and tokens per second, over the steps since `restart`."""
+
+  def __init__(self, step: int, tokens_per_step: int):
+    self._tokens_per_step = tokens_per_step
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self._step, self._start = step, time.perf_counter()
+
+  def speed(self, step: int) -> dict:
+    step_time = (time.perf_counter() - self._start) / (step - self._step)
+    return {"step_time": step_time, "tokens_per_sec": self._tokens_per_step / step_time}
+
+
+def _save(run: _Run, records: _Records, config, step: int, state, data_state: dict, force: bool):
+  """Saves the checkpoint of `step`, with every sync of the steps so far in `comm_bytes_total`."""
+  records.drain()
+  run.checkpointer.save(
+    step,
+    state,
+    {
+      "data_iterator": data_state,
+      "comm_bytes_total": records.comm_bytes_total,
+      "sync_schedule": sync_schedule(config, final=step == config.train.num_steps),
+    },
+    force=force,
+  )
+
+
+def _train(config, workdir: str, run: _Run, records: _Records, console: Console, evaluate):
+  """Steps from `run.start_step` to train.num_steps, or until every process agrees on a
+  preemption; returns (the last logged record, the last step, whether preempted)."""
+  tc, algorithm, iterator = config.train, run.algorithm, run.iterator
+  schedule = make_schedule(config.optimizer, tc.num_steps)
+  # The first step donates run.state's buffers: no second copy of the state stays allocated.
+  state, step, record, preempted = run.state, run.start_step, {}, False
+  timer = _Timer(run.start_step, tc.batch_size * config.data.seq_len)
   profiled = config_lib.profile_steps(config)
   batch = algorithm.place_batch(next(iterator), tc.batch_size)
   with Preemption() as preemption, contextlib.ExitStack() as cleanup:
     # On any exit, exceptions included: finish the checkpoint saves already started.
-    cleanup.callback(writer.close)
-    cleanup.callback(checkpointer.close)
-    cleanup.callback(checkpointer.wait)
+    cleanup.callback(records.close)
+    cleanup.callback(run.checkpointer.close)
+    cleanup.callback(run.checkpointer.wait)
     cleanup.callback(console.close)
     # Open while the profiler records `profiled`: closed after its last step or on any exit.
     tracing = cleanup.enter_context(contextlib.ExitStack())
-    for step in range(start_step + 1, tc.num_steps + 1):
+    for step in range(run.start_step + 1, tc.num_steps + 1):
       final = step == tc.num_steps
       log_step = step % tc.log_every == 0 or final
       eval_step = step % tc.eval_every == 0 or final
@@ -505,55 +586,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       device_record = {"syncs": syncs} if syncs else {}
       if log_step:
         device_record.update(metrics)
-      if device_record:
-        pending.append((step, device_record))
+      records.add(step, device_record)
       if log_step or eval_step:
-        record = drain(step)
-      if log_step:
-        step_time = (time.perf_counter() - timer_start) / (step - timer_step)
-        record.update(
-          lr=float(schedule(step - 1)),
-          step_time=step_time,
-          tokens_per_sec=tokens_per_step / step_time,
-        )
-        console.log(step, record["train_loss"], step_time, record["tokens_per_sec"])
-      if eval_step:
-        record.update(evaluate(algorithm.params(state)))
-      if log_step or eval_step:
-        write(step, record)
+        record = records.drain(step)
+        if log_step:
+          record.update(lr=float(schedule(step - 1)), **timer.speed(step))
+          console.log(step, record["train_loss"], record["step_time"], record["tokens_per_sec"])
+        if eval_step:
+          record.update(evaluate(algorithm.params(state)))
+        records.write(step, record)
       preempted = preemption.requested(agree=log_step or save_step)
       if save_step or preempted:
-        drain()
-        checkpointer.save(
-          step,
-          state,
-          {
-            "data_iterator": data_state,
-            "comm_bytes_total": comm_bytes_total,
-            "sync_schedule": sync_schedule(config, final=step == tc.num_steps),
-          },
-          force=preempted,
-        )
+        _save(run, records, config, step, state, data_state, force=preempted)
       if preempted:
         break
       if step == profiled.stop - 1:
         jax.block_until_ready(state)
         tracing.close()  # writes the trace
-      if log_step or step == start_step + 1:
+      if log_step or step == run.start_step + 1:
         jax.block_until_ready(state)  # time the next window without compilation, eval or saves
-        timer_step, timer_start = step, time.perf_counter()
+        timer.restart(step)
       console.step()
-  if primary and preempted:
+  return record, step, preempted
+
+
+def _print_summary(config, workdir: str, record: dict, step: int, preempted: bool) -> None:
+  """The run's last line: where to resume after a preemption, else the final metrics."""
+  if jax.process_index() != 0:
+    return
+  if preempted:
     print(
       f"Preempted: saved the checkpoint of step {step} in {workdir}; run the same command "
       "again to resume.",
       flush=True,
     )
-  elif primary and record:
+  elif record:
     summary = ", ".join(
       f"{k} {record[k]:.4g}"
       for k in ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_sec")
       if k in record
     )
-    print(f"Finished {tc.num_steps} steps in {workdir}: {summary}", flush=True)
+    print(f"Finished {config.train.num_steps} steps in {workdir}: {summary}", flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from WORKDIR's latest good checkpoint), evaluates, logs.
+
+  Returns the last logged record (train and eval metrics of the final step).
+  """
+  run = _start_run(config, workdir)
+  primary = jax.process_index() == 0
+  # Goes into the first record this run writes.
+  first = {
+    "state_bytes_per_device": sharding.state_bytes_per_device(run.state),
+    "live_bytes_per_device": run.live_bytes,
+  }
+  records = _Records(workdir, run.start_step, primary, run.comm_bytes_total, first)
+  evaluate = make_evaluate(run.loss_fn, run.algorithm.mesh, run.data, config)
+  console = Console(config.train, run.start_step, primary)
+  record, step, preempted = _train(config, workdir, run, records, console, evaluate)
+  _print_summary(config, workdir, record, step, preempted)
   return dict(record, preempted=preempted)
