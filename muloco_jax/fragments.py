@@ -32,11 +32,11 @@ def split_into_fragments(params: dict, num_fragments: int) -> tuple[tuple[str, .
     (k for k in params if re.fullmatch(r"layers_\d+", k)), key=lambda k: int(k.split("_")[1])
   )
   if num_fragments < 1:
-    raise ValueError(f"diloco.num_fragments={num_fragments} must be >= 1")
+    raise ValueError(f"num_fragments={num_fragments} must be >= 1")
   if num_fragments > max(len(layers), 1):
     raise ValueError(
-      f"diloco.num_fragments={num_fragments} exceeds the {len(layers)} "
-      "unscanned layers (model.scan_layers must be False for streaming)"
+      f"num_fragments={num_fragments} exceeds the {len(layers)} "
+      "unscanned layers (streaming needs one parameter key per layer: an unscanned model)"
     )
   if num_fragments == 1:
     return (tuple(params),)
@@ -85,10 +85,10 @@ class SyncSchedule:
 
   def __init__(self, sync_every: int, num_fragments: int = 1, overlap_steps: int = 0):
     if sync_every < 1:
-      raise ValueError(f"diloco.sync_every={sync_every} must be >= 1")
+      raise ValueError(f"sync_every={sync_every} must be >= 1")
     if not 0 <= overlap_steps < sync_every:
       raise ValueError(
-        f"diloco.overlap_steps={overlap_steps} must be in [0, diloco.sync_every={sync_every}): "
+        f"overlap_steps={overlap_steps} must be in [0, sync_every={sync_every}): "
         "a fragment's exchange must be adopted before its next sync"
       )
     self.sync_every, self.overlap_steps = sync_every, overlap_steps

@@ -242,7 +242,7 @@ class DiLoCo(_Layout):
     worker_size = mesh.shape[WORKER_AXIS]
     if num_workers < 1 or num_workers % worker_size:
       raise ValueError(
-        f"diloco.num_workers={num_workers} must be a positive multiple of the "
+        f"num_workers={num_workers} must be a positive multiple of the "
         f"mesh 'worker' axis size {worker_size}"
       )
     self.loss_fn, self.inner_tx, self.outer_tx = loss_fn, inner_tx, outer_tx
@@ -250,7 +250,7 @@ class DiLoCo(_Layout):
     self.average, self.drops = average or diloco.mean_average(), tuple(drops)
     self.schedule = fragments_lib.SyncSchedule(sync_every, len(self.fragments), overlap_steps)
     if not 0.0 <= mixing <= 1.0:
-      raise ValueError(f"diloco.mixing={mixing} must be in [0, 1]")
+      raise ValueError(f"mixing={mixing} must be in [0, 1]")
     self.mixing = float(mixing)
     self._everyone = None  # the placed all-active mask (`_active`)
     self.batch_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS, FSDP_AXIS))
@@ -445,7 +445,7 @@ class DiLoCo(_Layout):
     if len(sizes) != 1:
       raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
     global_batch_size = sizes.pop() if global_batch_size is None else global_batch_size
-    sharding.check_batch_size("train.batch_size", global_batch_size, self.num_workers, self.mesh)
+    sharding.check_batch_size("global_batch_size", global_batch_size, self.num_workers, self.mesh)
     k = self.num_workers
     return jax.tree.map(
       lambda x: sharding.place_rows(
@@ -462,12 +462,10 @@ class DiLoCo(_Layout):
     for x in jax.tree.leaves(batch):
       if x.ndim < 2 or x.shape[0] != self.num_workers:
         raise ValueError(
-          f"batch leaves must be [diloco.num_workers={self.num_workers}, "
+          f"batch leaves must be [num_workers={self.num_workers}, "
           f"B/K, ...], got shape {x.shape}; use shard_batch"
         )
-      sharding.check_batch_size(
-        "train.batch_size", x.shape[0] * x.shape[1], self.num_workers, self.mesh
-      )
+      sharding.check_batch_size("batch size", x.shape[0] * x.shape[1], self.num_workers, self.mesh)
     return self._inner_step(state, batch)
 
   def outer_sync(

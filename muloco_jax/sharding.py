@@ -110,7 +110,9 @@ def make_mesh(worker_parallelism: int, fsdp: int = 1, devices=None) -> Mesh:
   return mesh
 
 
-def mesh_for_workers(num_workers: int, devices=None, fsdp: int = 0) -> Mesh:
+def mesh_for_workers(
+  num_workers: int, devices=None, fsdp: int = 0, *, names=("num_workers", "fsdp")
+) -> Mesh:
   """The mesh over EVERY device of ``devices`` (default ``jax.devices()``) for K workers.
 
   ``fsdp`` = F devices per worker row (0: automatic).  K >= 1 DiLoCo workers: automatic takes
@@ -118,19 +120,20 @@ def mesh_for_workers(num_workers: int, devices=None, fsdp: int = 0) -> Mesh:
   3 workers vmapped over one row of 8; K=16 on 8: 8 x 1, two workers per device); a given F
   must divide n and n / F must divide K.  K = 0 (data parallelism): F = n by default; a smaller
   F makes the ``worker`` axis n / F replicas of an F-way sharded model (HSDP).  Otherwise a
-  ValueError says what to set.
+  ValueError says what to set, naming the two settings ``names`` (the config passes its keys).
   """
+  workers_name, fsdp_name = names
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if num_workers < 0:
-    raise ValueError(f"diloco.num_workers={num_workers} must be >= 0")
+    raise ValueError(f"{workers_name}={num_workers} must be >= 0")
   unit = num_workers or n  # the worker rows must divide K (any divisor of n for K = 0)
   if fsdp == 0:
     fsdp = n // math.gcd(unit, n) if num_workers else n
   elif fsdp < 0 or n % fsdp or unit % (n // fsdp):
     fits = [f for f in range(1, n + 1) if n % f == 0 and unit % (n // f) == 0]
     raise ValueError(
-      f"diloco.fsdp={fsdp} does not lay diloco.num_workers={num_workers} "
+      f"{fsdp_name}={fsdp} does not lay {workers_name}={num_workers} "
       f"over all {n} devices (it must divide {n}"
       + (f", and {n} / it must divide {num_workers}" if num_workers else "")
       + f"); set it to one of {fits} or to 0 (automatic)"
@@ -149,7 +152,7 @@ def check_batch_size(name: str, batch_size: int, num_workers: int, mesh: Mesh) -
   if batch_size < 1 or batch_size % (num_workers * fsdp):
     raise ValueError(
       f"{name}={batch_size} must be a positive multiple of {num_workers * fsdp} "
-      f"(diloco.num_workers={num_workers} worker batches, each split over the {fsdp} devices "
+      f"({num_workers} worker batches, each split over the {fsdp} devices "
       f"of the mesh's 'fsdp' axis)"
     )
 
