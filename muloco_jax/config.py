@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.progress_bar = True  # only drawn on a terminal
   # "START:END": a jax.profiler trace of steps START..END-1 (e.g. "20:25": steps 20-24) in
-  # WORKDIR/profile, for TensorBoard's profile plugin or Perfetto (see the README); "" = off.
+  # WORKDIR/profile, for TensorBoard's profile plugin or Perfetto (docs/usage.md); "" = off.
   # A run resumed after START traces nothing.
   c.train.profile_steps = ""
 

@@ -27,7 +27,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
   "distributed",
   False,
   "One of several processes that SLURM, Open MPI or a Cloud TPU / GKE job describes: "
-  "jax.distributed.initialize() reads who is who from there (README: Running on a cluster).",
+  "jax.distributed.initialize() reads who is who from there (docs/cluster.md).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
