@@ -312,9 +312,8 @@ def main(argv):
     size, fl.model_seq_len, sequences, fl.peak_flops, fl.mfu
   )
   pbytes = param_bytes(size)
-  result = wallclock.report(
-    dirs, bandwidths, step_time=step_time, latency=fl.latency, param_bytes=pbytes
-  )
+  options = wallclock.ReportOptions(step_time=step_time, latency=fl.latency, param_bytes=pbytes)
+  result = wallclock.report(dirs, bandwidths, options)
   png = wallclock.plot(result, os.path.join(path, "wallclock.png"))
   print(wallclock.format_table(result))
 

