@@ -185,19 +185,6 @@ def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
 # ----------------------------------------------------------------------------- quantizers
 
 
-def _count_at_most(sorted_row: jax.Array, values: jax.Array) -> jax.Array:
-  """For each of ``values``, how many entries of ``sorted_row`` are <= it: a branchless binary
-  search, log2(n) gathers (``jnp.searchsorted`` fails to trace inside ``jax.shard_map`` in
-  jax 0.10)."""
-  n = sorted_row.shape[0]
-  count, step = jnp.zeros(values.shape, jnp.int32), 1 << (n.bit_length() - 1)
-  while step:
-    candidate = count + step
-    fits = (candidate <= n) & (sorted_row[jnp.minimum(candidate, n) - 1] <= values)
-    count, step = jnp.where(fits, candidate, count), step // 2
-  return count
-
-
 def _num_rows(shape: tuple[int, ...], spec: CompressionSpec) -> int:
   return shape[0] if spec.per_row and len(shape) >= 2 else 1
 
@@ -233,7 +220,7 @@ def _encode_statistical(x2: jax.Array, spec: CompressionSpec) -> Payload:
     starts = jnp.pad(codes[:, 1:] != codes[:, :-1], ((0, 0), (1, 0)), constant_values=True)
     restart_sum = lambda a, b: (a[0] | b[0], jnp.where(b[0], b[1], a[1] + b[1]))
     _, running = jax.lax.associative_scan(restart_sum, (starts, values), axis=1)
-    upto = jax.vmap(lambda c: _count_at_most(c, bins))(codes)  # codes <= b
+    upto = jax.vmap(lambda c: jnp.searchsorted(c, bins, side="right"))(codes)  # codes <= b
     sums = jnp.take_along_axis(running, jnp.maximum(upto - 1, 0), axis=1)  # empty bins: unused
     return sums, jnp.diff(upto, axis=1, prepend=0).astype(jnp.float32)
 

@@ -17,12 +17,10 @@ pseudogradient is finite; if it is empty the round is skipped (``theta_ref`` and
 
 Layout.  The functions below work on a ``DiLoCoState`` whose per-worker leaves carry a leading
 worker axis of size K; ``inner_step`` is one worker's ``optimizer_step`` vmapped over that axis.
-They run as they are on one device, or jitted over a mesh (``muloco_jax.runtime.DiLoCo``):
-inner steps never communicate across workers, and the two halves of a sync that do,
-``average_pseudogradients`` and ``take_shared``, run in ``jax.shard_map`` over the worker rows,
-where ``Workers`` writes out their collectives (the paper's all-reduce of pseudogradients: an
-all-to-all to the owners of the shared parameters and an all-gather back, or all-to-all and
-all-gather of packed payloads).
+They run as they are on one device, or jitted over a mesh (``muloco_jax.runtime.DiLoCo``), where
+XLA partitions them from the shardings (``muloco_jax.sharding``): inner steps never communicate
+across workers; the averager in ``exchange`` (the first half of ``outer_sync``) is the only
+cross-worker traffic.
 """
 
 from __future__ import annotations
@@ -34,86 +32,13 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
 
 from muloco_jax import compression
+from muloco_jax import sharding
 from muloco_jax.fragments import Fragment, merge, subtree
 
 PyTree = Any
 LossFn = Callable[[PyTree, dict], jax.Array]
-
-
-class Workers(NamedTuple):
-  """Where the K workers of an outer sync are, and the collectives between them.
-
-  Without a mesh (``axis_name`` None) every array holds all K and the collectives are the
-  identity.  On a mesh the sync runs in ``jax.shard_map``, manual over the ``worker`` axis
-  (``runtime.DiLoCo``; FSDP inside a row stays automatic): each of its W rows holds K / W
-  workers, so per-worker leaves have a leading axis of K / W, and the collectives below are
-  all the traffic between rows.  ``owned_dims``, for a coordinatewise averager on a mesh: per
-  leaf of the shared parameters, the dimension cut over the rows (each row owns 1/W of
-  ``theta``, ``sharding.owned_spec``), None for a leaf every row holds whole.
-  """
-
-  axis_name: str | None = None
-  owned_dims: PyTree = None
-
-  def size(self) -> int:
-    """W, the number of rows (1 without a mesh)."""
-    return 1 if self.axis_name is None else jax.lax.axis_size(self.axis_name)
-
-  def psum(self, x: jax.Array) -> jax.Array:
-    return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
-
-  def gather(self, tree: PyTree) -> PyTree:
-    """Leaves ``[K / W, ...]`` of this row's workers -> ``[K, ...]`` on every row: an
-    all-gather of exactly these arrays (e.g. packed payloads, never their decoded floats)."""
-    if self.axis_name is None:
-      return tree
-    gather = functools.partial(jax.lax.all_gather, axis_name=self.axis_name, tiled=True)
-    return jax.tree.map(lambda x: gather(x, to="invarying"), tree)
-
-  def all_to_all(self, tree: PyTree, split_axis: int) -> PyTree:
-    """Leaves ``[K / W, ..., n, ...]`` -> ``[K, ..., n / W, ...]``: row j receives part j of
-    dimension ``split_axis`` of every worker's leaf."""
-    if self.axis_name is None:
-      return tree
-    move = lambda x: jax.lax.all_to_all(x, self.axis_name, split_axis, 0, tiled=True)
-    return jax.tree.map(move, tree)
-
-  def _by_owned_dim(self, fn: Callable, tree: PyTree) -> PyTree:
-    """``fn(dim, leaf)`` for every leaf of a tree shaped like the shared parameters."""
-    if self.axis_name is None or self.owned_dims is None:
-      return jax.tree.map(lambda x: fn(None, x), tree)
-    return jax.tree.map(fn, self.owned_dims, tree, is_leaf=lambda d: d is None)
-
-  def to_owners(self, worker_tree: PyTree) -> PyTree:
-    """This row's workers' whole leaves -> every worker's part of the leaves this row owns
-    (an all-to-all: each row sends (W-1)/W of its workers' bytes); a leaf no row owns is
-    gathered whole."""
-
-    def move(dim, x):
-      return self.gather(x) if dim is None else self.all_to_all(x, dim + 1)
-
-    return self._by_owned_dim(move, worker_tree)
-
-  def from_owners(self, tree: PyTree) -> PyTree:
-    """The owned parts of shared leaves -> the whole leaves on every row (an all-gather)."""
-
-    def gather(dim, x):
-      if dim is None:
-        return x
-      return jax.lax.all_gather(x, self.axis_name, axis=dim, tiled=True, to="invarying")
-
-    return self._by_owned_dim(gather, tree)
-
-  def total(self, partials: PyTree) -> jax.Array:
-    """The sum over the leaves of ``partials`` (a tree shaped like the shared parameters with
-    one partial reduction per leaf, e.g. a sum of squares), over every row's owned parts."""
-    summed = self._by_owned_dim(lambda dim, x: (dim is not None, x), partials)
-    pairs = jax.tree.leaves(summed, is_leaf=lambda x: isinstance(x, tuple))
-    owned = sum((x for is_owned, x in pairs if is_owned), jnp.float32(0))
-    return self.psum(owned) + sum((x for is_owned, x in pairs if not is_owned), jnp.float32(0))
 
 
 class Averager(NamedTuple):
@@ -125,19 +50,16 @@ class Averager(NamedTuple):
   the top-level keys of ``params`` (streaming DiLoCo hands ``update`` one fragment's part of
   each) whose leaves all have a leading axis of size K: the worker, or the owner of a chunk,
   that holds that slice (e.g. error-feedback buffers).
-  ``update(deltas, contributes, state, workers) -> (delta, state, metrics)``: ``deltas`` has a
-  leading axis of this row's workers (zero for workers not in C), ``contributes`` is their bool
-  mask, ``workers`` a ``Workers`` (the collectives to the other rows); ``delta`` is the agreed
-  average, the same on every row, ``metrics`` scalars.  Streaming DiLoCo passes the subtrees of
-  one fragment.
+  ``update(deltas, contributes, state) -> (delta, state, metrics)``: ``deltas`` has a leading
+  worker axis (zero for workers not in C), ``contributes`` is bool ``[workers]``; ``delta`` is
+  the agreed average, ``metrics`` scalars.  Streaming DiLoCo passes the subtrees of one fragment.
   ``coordinatewise``: each coordinate of ``delta`` depends on that coordinate of the ``deltas``
-  alone (a mean does; a per-row quantizer does not).  Then every row is handed the workers'
-  values at the coordinates it owns (``Workers.to_owners``: ``deltas`` and ``contributes``
-  cover all K workers there) and averages them itself, and ``delta`` is its owned part.
+  alone (a mean does; a per-row quantizer does not), so a sharded runtime may gather the workers'
+  values at the owner of each shard and run ``update`` there.
   """
 
   init: Callable[[PyTree, int], PyTree]
-  update: Callable[..., "tuple[PyTree, PyTree, dict]"]
+  update: Callable[[PyTree, jax.Array, PyTree], "tuple[PyTree, PyTree, dict]"]
   coordinatewise: bool = False
 
 
@@ -317,13 +239,17 @@ def _count(contributes: jax.Array) -> tuple[jax.Array, jax.Array]:
   return count, jnp.maximum(count, 1).astype(jnp.float32)
 
 
+def _bytes_per_worker(tree: PyTree) -> int:
+  """Bytes of one worker's slice of ``tree`` (leaves with a leading worker axis)."""
+  return sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def mean_average() -> Averager:
   """The uncompressed averager: ``delta = sum_{k in C} delta_k / |C|``, no state.
 
   On a mesh (``runtime.DiLoCo``) the workers' parameters first move to the owners of the
-  shared shards (``Workers.to_owners``, an all-to-all of (K-1)/K of a worker's float32 copy),
-  the sum is local there, and the new parameters go back with an all-gather ((K-1)/K again,
-  ``Workers.from_owners`` in ``adopt``).
+  shared shards (an all-to-all of (K-1)/K of a worker's float32 copy), the sum is local there,
+  and the new parameters go back with an all-gather ((K-1)/K again).
 
   Metrics: ``num_contributing`` = |C| (0: the caller skips the round; ``delta`` is then 0);
   ``sync_bytes`` = K x one worker's pseudogradient bytes (what the workers hand to the
@@ -331,13 +257,11 @@ def mean_average() -> Averager:
   link: the all-to-all and the all-gather.
   """
 
-  def update(deltas, contributes, state, workers=Workers()):
+  def update(deltas, contributes, state):
     count, divisor = _count(contributes)
     num_workers = contributes.shape[0]
     delta = jax.tree.map(lambda d: (jnp.sum(d, axis=0) / divisor).astype(d.dtype), deltas)
-    payload = workers.total(
-      jax.tree.map(lambda d: jnp.float32(math.prod(d.shape[1:]) * d.dtype.itemsize), deltas)
-    )
+    payload = _bytes_per_worker(deltas)
     metrics = {
       "num_contributing": count,
       "sync_bytes": jnp.float32(num_workers * payload),
@@ -413,16 +337,6 @@ def _one_worker_float32(deltas: PyTree) -> PyTree:
   return jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape[1:], jnp.float32), deltas)
 
 
-def _chunk_axis_whole(tree: PyTree) -> PyTree:
-  """``tree`` with the leading (chunk) axis of every leaf kept whole inside a worker row.
-  Shardy (jax 0.10) otherwise splits K < fsdp chunks over part of ``fsdp`` and XLA's SPMD
-  partitioner aborts on the result.  A no-op without a mesh in context."""
-  if jax.sharding.get_abstract_mesh().empty:
-    return tree
-  whole = lambda x: P(None, *(P.UNCONSTRAINED,) * (x.ndim - 1))
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole(x)), tree)
-
-
 class _RowChunks(NamedTuple):
   """One worker's trees (shapes ``like``) cut into ``num_chunks`` chunks of rows
   (``TreeCodec.split_rows``), each chunk sent with ``codec`` on its own: payloads and decoded
@@ -433,10 +347,10 @@ class _RowChunks(NamedTuple):
   num_chunks: int
 
   def split(self, tree: PyTree) -> PyTree:
-    return _chunk_axis_whole(self.codec.split_rows(tree, self.num_chunks))
+    return self.codec.split_rows(tree, self.num_chunks)
 
   def join(self, chunks: PyTree) -> PyTree:
-    return self.codec.join_rows(_chunk_axis_whole(chunks), self.like)
+    return self.codec.join_rows(chunks, self.like)
 
   def compress(self, x: PyTree) -> PyTree:
     return jax.vmap(self.codec.compress)(self.split(x))
@@ -466,7 +380,8 @@ def _encode_workers(chunks: _RowChunks, deltas, contributes, worker_error, error
     scaled = jax.tree.map(lambda d: error_feedback.scale * d.astype(jnp.float32), delta)
     return chunks.feedback(error, scaled, error_feedback.decay)
 
-  payloads, new_error = jax.vmap(encode)(worker_error, deltas)
+  # Pinned where each step happens, so that only the packed payloads cross workers.
+  payloads, new_error = sharding.split_over_workers(jax.vmap(encode)(worker_error, deltas))
   if worker_error is None:
     return payloads, None, deltas
   decay, scale = error_feedback
@@ -484,35 +399,25 @@ def _norm_ratio(numerator: PyTree, denominator: PyTree) -> jax.Array:
   return optax.tree.norm(numerator) / jnp.maximum(optax.tree.norm(denominator), 1e-30)
 
 
-def _compression_metrics(
-  workers: Workers, contributes, sent, decoded, worker_error, payload, per_worker
-) -> dict:
-  """The compressed averagers' metrics (``all_gather_average``) from this row's workers'
-  ``x_k`` (``sent``), ``D(C(x_k))`` (``decoded``) and new buffers, and the bytes of one
-  worker's payload and of what it sends over its link."""
-  error_norm = jnp.zeros(contributes.shape)
+def _compression_metrics(contributes, sent, decoded, worker_error, payload, per_worker) -> dict:
+  """The compressed averagers' metrics (``all_gather_average``) from ``x_k`` (``sent``),
+  ``D(C(x_k))`` (``decoded``), the new buffers and the bytes of one worker's payload and of what
+  it sends over its link."""
+  num_workers = contributes.shape[0]
+  count, divisor = _count(contributes)
+  mean_over_contributing = lambda x: jnp.sum(jnp.where(contributes, x, 0.0)) / divisor
+  error_norm = 0.0
   if worker_error is not None:
     error_norm = jnp.sqrt(jax.vmap(_tree_dot)(worker_error, worker_error))
-  per_worker_values = jnp.stack(
-    [
-      contributes.astype(jnp.float32),
-      jax.vmap(compression.relative_error)(sent, decoded),
-      jax.vmap(_norm_ratio)(decoded, sent),
-      error_norm,
-    ],
-    axis=1,
-  )  # one gather of [K / W, 4]
-  everyone, errors, ratios, error_norm = workers.gather(per_worker_values).T
-  everyone = everyone > 0
-  count, divisor = _count(everyone)
-  mean_over_contributing = lambda x: jnp.sum(jnp.where(everyone, x, 0.0)) / divisor
   return {
     "num_contributing": count,
-    "sync_bytes": jnp.float32(everyone.shape[0] * payload),
+    "sync_bytes": jnp.float32(num_workers * payload),
     "sync_bytes_per_worker": jnp.float32(per_worker),
-    "compression_error": mean_over_contributing(errors),
-    "compression_norm_ratio": mean_over_contributing(ratios),
-    "error_buffer_norm": jnp.sum(error_norm) / everyone.shape[0],
+    "compression_error": mean_over_contributing(
+      jax.vmap(compression.relative_error)(sent, decoded)
+    ),
+    "compression_norm_ratio": mean_over_contributing(jax.vmap(_norm_ratio)(decoded, sent)),
+    "error_buffer_norm": jnp.sum(error_norm) / num_workers,
   }
 
 
@@ -547,29 +452,23 @@ def all_gather_average(
   def init(params, num_workers):
     return AllGatherAverageState(_init_worker_error(params, num_workers, error_feedback))
 
-  def update(deltas, contributes, state, workers=Workers()):
+  def update(deltas, contributes, state):
+    num_workers = contributes.shape[0]
     # The whole tree as one chunk of rows: the encode ``reduce_scatter_average`` runs on K.
     whole = _RowChunks(codec, _one_worker_float32(deltas), 1)
     payloads, worker_error, sent = _encode_workers(
       whole, deltas, contributes, state.worker_error, error_feedback
     )
-    decoded = jax.vmap(lambda payload: whole.join(whole.decode(payload)))
-    everyone, gathered = workers.gather((contributes, payloads))
-    delta = _contributing_mean(everyone, decoded(gathered))
+    decode = jax.vmap(lambda payload: whole.join(whole.decode(payload)))
+    decoded = sharding.gather_workers(decode(sharding.gather_workers(payloads)))
+    delta = _contributing_mean(contributes, decoded)
     if requantize_average:
       delta = codec.roundtrip(delta)
-    payload = compression.payload_nbytes(payloads) // contributes.shape[0]
-    num_workers = everyone.shape[0]
+    payload = compression.payload_nbytes(payloads) // num_workers
     metrics = _compression_metrics(
-      workers,
-      contributes,
-      sent,
-      decoded(payloads),
-      worker_error,
-      payload,
-      (num_workers - 1) * payload,
+      contributes, sent, decoded, worker_error, payload, (num_workers - 1) * payload
     )
-    return delta, AllGatherAverageState(worker_error), metrics
+    return sharding.like_one_worker(delta), AllGatherAverageState(worker_error), metrics
 
   return Averager(init, update)
 
@@ -611,39 +510,38 @@ def reduce_scatter_average(
     worker_error = _init_worker_error(params, num_workers, error_feedback)
     return ReduceScatterAverageState(worker_error, owner_error)
 
-  def update(deltas, contributes, state, workers=Workers()):
-    local = contributes.shape[0]
-    num_workers = local * workers.size()
+  def update(deltas, contributes, state):
+    num_workers = contributes.shape[0]
     chunks = _RowChunks(codec, _one_worker_float32(deltas), num_workers)
     payloads, worker_error, sent = _encode_workers(
       chunks, deltas, contributes, state.worker_error, error_feedback
     )
-    # Row j receives chunks [j K / W, (j + 1) K / W) of every worker's payload.
-    everyone, at_owners = workers.gather(contributes), workers.all_to_all(payloads, 1)
-    average = _contributing_mean(everyone, jax.vmap(chunks.decode)(at_owners))
+    at_owners = sharding.split_over_workers(payloads, dim=1)
+    decoded = sharding.split_over_workers(jax.vmap(chunks.decode)(at_owners), 1)
+    average = _contributing_mean(contributes, decoded)
     owner_feedback = functools.partial(codec.feedback, decay=owner_error_decay)
     owner_payloads, owner_error = jax.vmap(owner_feedback)(state.owner_error, average)
     owner_sent = average
     if owner_error is not None:
       owner_sent = jax.tree.map(lambda r, a: owner_error_decay * r + a, state.owner_error, average)
-      owner_error = _select(_count(everyone)[0] > 0, owner_error, state.owner_error)
-    delta = chunks.join(chunks.decode(workers.gather(owner_payloads)))
-    # Each worker decodes its own payload (for compression_error).
+      owner_error = _select(_count(contributes)[0] > 0, owner_error, state.owner_error)
+    owner_payloads = sharding.split_over_workers(owner_payloads)
+    gathered = chunks.decode(sharding.gather_workers(owner_payloads))
+    delta = chunks.join(sharding.gather_workers(gathered))
+    # Each worker decodes its own payload (for compression_error).  This decode also anchors
+    # the workers' encode on their own rows: computing the error from the EF residual instead
+    # let XLA move the residual's arithmetic to the chunk owners and all-to-all float32 back
+    # (tests/test_diloco.py's compiled-traffic test catches it).
     own = jax.vmap(lambda payload: chunks.join(chunks.decode(payload)))(payloads)
-    payload = compression.payload_nbytes(payloads) // local
-    chunk_bytes = compression.payload_nbytes(owner_payloads) / local
+    payload = compression.payload_nbytes(payloads) // num_workers
+    chunk_bytes = compression.payload_nbytes(owner_payloads) / num_workers
     per_worker = (num_workers - 1) / num_workers * payload + (num_workers - 1) * chunk_bytes
-    metrics = _compression_metrics(
-      workers, contributes, sent, own, worker_error, payload, per_worker
-    )
-    squares = lambda tree: workers.psum(_tree_dot(tree, tree))
-    owner_dropped = jax.tree.map(jnp.subtract, owner_sent, chunks.decode(owner_payloads))
-    sent_norm = squares(owner_sent)
-    metrics["average_compression_error"] = jnp.where(
-      sent_norm > 0, jnp.sqrt(squares(owner_dropped) / jnp.where(sent_norm > 0, sent_norm, 1)), 0
+    metrics = _compression_metrics(contributes, sent, own, worker_error, payload, per_worker)
+    metrics["average_compression_error"] = compression.relative_error(
+      owner_sent, chunks.decode(owner_payloads)
     )
     state = ReduceScatterAverageState(worker_error, owner_error)
-    return delta, state, metrics
+    return sharding.like_one_worker(delta), state, metrics
 
   return Averager(init, update)
 
@@ -718,65 +616,6 @@ def compressed_sync_bytes(
   return {"payload": payload, "per_worker": per_worker}
 
 
-def average_pseudogradients(
-  theta_ref: PyTree,
-  worker_params: PyTree,
-  active: jax.Array | None = None,
-  average_state: PyTree = optax.EmptyState(),
-  *,
-  average: Averager | None = None,
-  workers: Workers = Workers(),
-) -> tuple[PyTree, PyTree, dict]:
-  """The workers' pseudogradients averaged: ``delta = average(delta_k, k in C)``,
-  ``delta_k = theta_ref - theta_k``, ``C = {k : active[k] and theta_k is finite}``.
-
-  All the traffic between workers of a sync: with a coordinatewise averager the workers'
-  parameters go to the owners of ``theta_ref``'s parts (``Workers.to_owners``), with another
-  the averager's own collectives move packed payloads.  ``workers``: where the workers are
-  (default: all here; ``runtime.DiLoCo`` calls this inside ``jax.shard_map``).
-
-  Returns ``delta`` (the parts of it this row owns), the averager's state and metrics: the
-  averager's scalars plus ``pseudograd_norm`` (norm of ``delta``) and, per worker (``[K]``),
-  ``worker_pseudograd_norm``, ``worker_cosine`` (cosine of ``delta_k`` with ``delta``) and
-  ``worker_contributed``.
-  """
-  average = average or mean_average()
-  contributes = _workers_all_finite(worker_params, jax.tree.leaves(worker_params)[0].shape[0])
-  if active is not None:
-    contributes &= active
-  # Per-worker reductions: over the owners' parts of every worker, or this row's workers.
-  total, per_worker = workers.total, workers.gather
-  if average.coordinatewise:
-    worker_params, contributes = workers.to_owners(worker_params), workers.gather(contributes)
-    per_worker = lambda x: x
-  else:
-    total = lambda partials: sum(jax.tree.leaves(partials), jnp.float32(0))
-  deltas = pseudogradient(theta_ref, worker_params)
-  clean = _select_workers(contributes, deltas, jax.tree.map(jnp.zeros_like, deltas))
-  delta, average_state, metrics = average.update(clean, contributes, average_state, workers)
-
-  as32 = lambda x: x.astype(jnp.float32)
-  squares = lambda d: jnp.vdot(as32(d), as32(d))
-  worker_norm = jnp.sqrt(total(jax.tree.map(jax.vmap(squares), clean)))
-  worker_dot = total(
-    jax.tree.map(lambda c, d: jax.vmap(lambda x: jnp.vdot(as32(x), as32(d)))(c), clean, delta)
-  )
-  delta_norm = jnp.sqrt(total(jax.tree.map(squares, delta)))
-  worker_norm, worker_dot, everyone = per_worker((worker_norm, worker_dot, contributes))
-  cosine = worker_dot / jnp.maximum(worker_norm * delta_norm, 1e-30)
-  metrics = dict(
-    metrics,
-    pseudograd_norm=delta_norm,
-    worker_pseudograd_norm=jnp.where(everyone, worker_norm, jnp.nan),
-    worker_cosine=jnp.where(everyone, cosine, jnp.nan),
-    worker_contributed=everyone,
-  )
-  return delta, average_state, metrics
-
-
-Averaging = Callable[[PyTree, PyTree, "jax.Array | None", PyTree], "tuple[PyTree, PyTree, dict]"]
-
-
 def outer_step(
   theta_ref: PyTree,
   outer_opt_state: PyTree,
@@ -785,12 +624,11 @@ def outer_step(
   active: jax.Array | None = None,
   average: Averager | None = None,
   average_state: PyTree = optax.EmptyState(),
-  *,
-  averaging: Averaging | None = None,
+  regroup: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[PyTree, PyTree, PyTree, dict]:
   """Outer optimizer step on any subtree of the parameters (the whole tree, or one fragment).
 
-  ``delta = average(delta_k, k in C)`` (``average_pseudogradients``);
+  ``C = {k : active[k] and delta_k is finite}``; ``delta = average(delta_k, k in C)``;
   ``theta, u = OuterOpt(theta_ref, u, delta)`` if ``C`` is non-empty, else ``theta_ref, u``.
 
   Args:
@@ -801,20 +639,42 @@ def outer_step(
     active: optional bool ``[workers]``; ``False`` leaves a worker out of the average.
     average: the averager (default ``mean_average()``, or ``compressed_average(...)``).
     average_state: its state for the subtree (``optax.EmptyState()`` if it keeps none).
-    averaging: ``averaging(theta_ref, worker_params, active, average_state)`` in place of
-      ``average_pseudogradients`` with ``average``: ``runtime.DiLoCo`` passes it laid over the
-      mesh.  The outer step itself needs no traffic between workers.
+    regroup: applied to ``worker_params`` before anything else.  On a mesh it moves them into
+      the shared parameters' layout (one all-to-all over workers), so that pseudogradients, their
+      average and the outer step are local to the owner of each shard; None: as they are.
 
-  Returns the new ``theta``, outer state, averager state and metrics (see
-  ``average_pseudogradients``).
+  Returns the new ``theta``, outer state, averager state and metrics: the averager's scalars plus
+  ``pseudograd_norm`` (norm of ``delta``) and, per worker, ``worker_pseudograd_norm``,
+  ``worker_cosine`` (cosine of ``delta_k`` with ``delta``) and ``worker_contributed``.
   """
-  averaging = averaging or functools.partial(average_pseudogradients, average=average)
-  delta, average_state, metrics = averaging(theta_ref, worker_params, active, average_state)
+  if regroup is not None:
+    worker_params = regroup(worker_params)
+  deltas = pseudogradient(theta_ref, worker_params)
+  finite = _workers_all_finite(deltas, jax.tree.leaves(deltas)[0].shape[0])
+  contributes = finite if active is None else finite & active
+  clean = _select_workers(contributes, deltas, jax.tree.map(jnp.zeros_like, deltas))
+  delta, average_state, metrics = (average or mean_average()).update(
+    clean, contributes, average_state
+  )
+
   updates, new_outer_state = outer_tx.update(delta, outer_opt_state, theta_ref)
   new_theta = optax.apply_updates(theta_ref, updates)
   skip = metrics["num_contributing"] == 0
   new_theta = _select(skip, theta_ref, new_theta)
   new_outer_state = _select(skip, outer_opt_state, new_outer_state)
+
+  delta_norm = optax.tree.norm(delta)
+  worker_norm = jax.vmap(optax.tree.norm)(clean)
+  worker_dot = jax.vmap(_tree_dot, in_axes=(0, None))(clean, delta)
+  metrics = dict(
+    metrics,
+    pseudograd_norm=delta_norm,
+    worker_pseudograd_norm=jnp.where(contributes, worker_norm, jnp.nan),
+    worker_cosine=jnp.where(
+      contributes, worker_dot / jnp.maximum(worker_norm * delta_norm, 1e-30), jnp.nan
+    ),
+    worker_contributed=contributes,
+  )
   return new_theta, new_outer_state, average_state, metrics
 
 
@@ -832,14 +692,13 @@ def exchange(
   average: Averager | None = None,
   fragments: "tuple[Fragment, ...]" = (None,),
   fragment_index: int = 0,
-  *,
-  averaging: Averaging | None = None,
+  regroup: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[DiLoCoState, dict]:
   """The first half of a sync of one fragment: ``outer_step`` on the workers' current
   parameters, which updates the shared parameters, the outer state and the averager's state.
   The workers' parameters are left as they are (``adopt`` hands them the new theta).  See
-  ``outer_step`` for ``active``, ``average``, ``averaging`` (given the fragment's subtrees)
-  and the metrics.
+  ``outer_step`` for ``active``, ``average``, ``regroup`` (given the fragment's subtree) and
+  the metrics.
   """
   fragment = fragments[fragment_index]
   average_state = _map_buffers(lambda buffer: subtree(buffer, fragment), state.average_state)
@@ -851,7 +710,7 @@ def exchange(
     active=active,
     average=average,
     average_state=average_state,
-    averaging=averaging,
+    regroup=regroup,
   )
   outer_opt_state = tuple(
     fragment_outer_state if i == fragment_index else s for i, s in enumerate(state.outer_opt_state)
@@ -866,41 +725,6 @@ def exchange(
   return state, metrics
 
 
-def take_shared(
-  theta: PyTree,
-  worker_params: PyTree,
-  worker_opt_state: PyTree,
-  active: jax.Array | None = None,
-  *,
-  inner_tx: optax.GradientTransformation,
-  fragment: Fragment = None,
-  mixing: float = 0.0,
-  workers: Workers = Workers(),
-) -> tuple[PyTree, PyTree, jax.Array]:
-  """Every worker takes ``theta``, the shared parameters of ``fragment`` (``adopt``):
-  ``theta_k <- (1 - alpha) theta + alpha theta_k``, ``alpha = mixing``; a worker to reset
-  takes ``theta`` itself and a fresh inner state.  ``theta`` may be the parts a row owns
-  (``Workers.from_owners`` gathers it).  Returns the workers' parameters, inner states and the
-  bool reset mask (leading axis: the workers here)."""
-  theta = workers.from_owners(theta)
-  local = subtree(worker_params, fragment)
-  num_workers = jax.tree.leaves(worker_params)[0].shape[0]
-  reset = ~_workers_all_finite(worker_opt_state, num_workers)
-  reset |= ~_workers_all_finite(local, num_workers)
-  if active is not None:
-    reset |= ~active
-  mixed = _stack(theta, num_workers)
-  if mixing:
-    blended = jax.tree.map(lambda t, w: (1 - mixing) * t + mixing * w, mixed, local)
-    mixed = _select_workers(reset, mixed, blended)
-  worker_params = merge(worker_params, mixed, fragment)
-  fresh = restart_inner_state(jax.vmap(inner_tx.init)(worker_params), worker_opt_state)
-  return worker_params, _select_workers(reset, fresh, worker_opt_state), reset
-
-
-Taking = Callable[[PyTree, PyTree, PyTree, "jax.Array | None"], "tuple[PyTree, PyTree, jax.Array]"]
-
-
 def adopt(
   state: DiLoCoState,
   inner_tx: optax.GradientTransformation,
@@ -908,8 +732,6 @@ def adopt(
   fragments: "tuple[Fragment, ...]" = (None,),
   fragment_index: int = 0,
   mixing: float = 0.0,
-  *,
-  taking: Taking | None = None,
 ) -> tuple[DiLoCoState, jax.Array]:
   """The second half of a sync: every worker takes the fragment's shared parameters,
   ``theta_k <- (1 - alpha) theta + alpha theta_k`` with ``alpha = mixing`` (0: theta itself;
@@ -917,18 +739,26 @@ def adopt(
 
   A worker whose inner optimizer state or fragment parameters hold a non-finite value, or that
   is inactive (a lost worker comes back without its state), takes theta itself and restarts its
-  inner state from ``inner_tx.init`` of its new parameters, with the schedule positions of its
-  old state (see ``restart_inner_state``).  ``taking``: ``take_shared`` laid over a mesh
-  (``runtime.DiLoCo``).  Returns the state and that bool ``[workers]`` reset mask.
+  inner state from ``inner_tx.init(theta)`` with the schedule positions of its old state (see
+  ``restart_inner_state``).  Returns the state and that bool ``[workers]`` reset mask.
   """
   fragment = fragments[fragment_index]
-  taking = taking or functools.partial(
-    take_shared, inner_tx=inner_tx, fragment=fragment, mixing=mixing
+  theta, local = subtree(state.params, fragment), subtree(state.worker_params, fragment)
+  num_workers = jax.tree.leaves(state.worker_params)[0].shape[0]
+  reset = ~_workers_all_finite(state.worker_opt_state, num_workers)
+  reset |= ~_workers_all_finite(local, num_workers)
+  if active is not None:
+    reset |= ~active
+  mixed = _stack(theta, num_workers)
+  if mixing:
+    blended = jax.tree.map(lambda t, w: (1 - mixing) * t + mixing * w, mixed, local)
+    mixed = _select_workers(reset, mixed, blended)
+  fresh = restart_inner_state(inner_tx.init(state.params), state.worker_opt_state, num_workers)
+  state = state._replace(
+    worker_params=merge(state.worker_params, mixed, fragment),
+    worker_opt_state=_select_workers(reset, fresh, state.worker_opt_state),
   )
-  worker_params, worker_opt_state, reset = taking(
-    subtree(state.params, fragment), state.worker_params, state.worker_opt_state, active
-  )
-  return state._replace(worker_params=worker_params, worker_opt_state=worker_opt_state), reset
+  return state, reset
 
 
 def outer_sync(
@@ -939,19 +769,16 @@ def outer_sync(
   average: Averager | None = None,
   fragments: "tuple[Fragment, ...]" = (None,),
   fragment_index: int = 0,
-  mixing: float = 0.0,
   *,
-  averaging: Averaging | None = None,
-  taking: Taking | None = None,
+  mixing: float = 0.0,
+  regroup: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[DiLoCoState, dict]:
   """Sync of one fragment (the whole tree without streaming): ``exchange``, then ``adopt``
   at once (no overlap).  ``step`` is unchanged.  Metrics: ``exchange``'s plus
   ``worker_opt_state_reset``, the ``[workers]`` mask of ``adopt``.
   """
-  state, metrics = exchange(
-    state, outer_tx, active, average, fragments, fragment_index, averaging=averaging
-  )
-  state, reset = adopt(state, inner_tx, active, fragments, fragment_index, mixing, taking=taking)
+  state, metrics = exchange(state, outer_tx, active, average, fragments, fragment_index, regroup)
+  state, reset = adopt(state, inner_tx, active, fragments, fragment_index, mixing)
   return state, dict(metrics, worker_opt_state_reset=reset)
 
 
@@ -961,7 +788,7 @@ _SCHEDULE_STATES = (optax.ScaleByScheduleState,)
 _INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
-def restart_inner_state(fresh: PyTree, old: PyTree) -> PyTree:
+def restart_inner_state(fresh: PyTree, old: PyTree, num_workers: int) -> PyTree:
   """Per worker: ``fresh`` (an ``inner_tx.init`` result) with the schedule positions of ``old``.
 
   A worker that rejoins, or whose state went non-finite, loses its moments (momentum, Adam's
@@ -970,7 +797,8 @@ def restart_inner_state(fresh: PyTree, old: PyTree) -> PyTree:
   redo warmup out of phase with them.  Kept from ``old``: ``ScaleByScheduleState`` nodes
   (``optax.scale_by_learning_rate`` with a schedule, ``optax.sgd``/``adamw``/... given one)
   and the count, hyperparameters and schedule states of ``optax.inject_hyperparams`` states,
-  whose inner state is restarted the same way.  Both have a leading worker axis.
+  whose inner state is restarted the same way.  ``old`` has
+  a leading worker axis of size ``num_workers``; ``fresh`` has none.
   """
 
   def restart(new, prev):
@@ -980,14 +808,14 @@ def restart_inner_state(fresh: PyTree, old: PyTree) -> PyTree:
       return new._replace(
         count=prev.count,
         hyperparams=prev.hyperparams,
-        inner_state=restart_inner_state(new.inner_state, prev.inner_state),
+        inner_state=restart_inner_state(new.inner_state, prev.inner_state, num_workers),
         **(
           {"hyperparams_states": prev.hyperparams_states}
           if hasattr(new, "hyperparams_states")
           else {}
         ),
       )
-    return new
+    return _stack(new, num_workers)
 
   is_node = lambda x: isinstance(x, _SCHEDULE_STATES + _INJECTED_STATES)
   return jax.tree.map(restart, fresh, old, is_leaf=is_node)

@@ -9,7 +9,7 @@ for compiling ahead of time).  Layouts are built from the parameters' shapes at 
 from shapes alone (e.g. for a compile-only TPU topology).
 
 Every traced function runs with the mesh in context, so sharding constraints inside the step
-(Muon's all-to-all) can name mesh axes.
+(Muon's all-to-all, the compressed exchange's gather) can name mesh axes.
 """
 
 from __future__ import annotations
@@ -182,13 +182,11 @@ class DiLoCo(_Layout):
 
   Each worker runs ``diloco.optimizer_step`` on its own batch; ``inner_step`` vmaps it over the
   leading worker axis (``spmd_axis_name="worker"``), so the per-worker layout is the worker axis
-  prepended to one worker's FSDP sharding.  ``outer_sync`` is ``diloco.outer_sync``, with its
-  two halves that cross workers (``diloco.average_pseudogradients`` and
-  ``diloco.take_shared``) in ``jax.shard_map`` manual over ``worker`` (FSDP inside stays
-  automatic): their collectives, written out in ``diloco.Workers``, are all the traffic between
-  workers.  The shared parameters are split over the rows with the mean averager (each owns
-  1/W, ``sharding.owned_spec``) and kept whole by every row with a compressing one.  Which
-  fragment syncs at a step is ``fragments.SyncSchedule.at``; lost workers (``drops``) are
+  prepended to one worker's FSDP sharding.  ``outer_sync`` is ``diloco.outer_sync``: it
+  averages the pseudogradients into the shared parameters, which each worker row owns 1/W of
+  with the mean averager (``sharding.owned_spec``; the workers' parameters move to the owners
+  in one all-to-all) and keeps whole with a compressing one (whose packed payloads travel).
+  Which fragment syncs at a step is ``fragments.SyncSchedule.at``; lost workers (``drops``) are
   decided in ``train_step``.
 
   Args:
@@ -292,42 +290,19 @@ class DiLoCo(_Layout):
       step=P(),
     )
 
-  def _on_rows(self, owned: PyTree, fragment) -> tuple:
-    """``diloco.average_pseudogradients`` and ``diloco.take_shared`` for one fragment, each
-    mapped over the ``worker`` rows (``sharding.over_workers``) with its collectives."""
-    is_spec = lambda s: isinstance(s, P)
-    theta = jax.tree.map(
-      sharding.worker_part, fragments_lib.subtree(owned, fragment), is_leaf=is_spec
-    )
-    dims = jax.tree.map(sharding.owned_dim, fragments_lib.subtree(owned, fragment), is_leaf=is_spec)
-    workers = diloco.Workers(WORKER_AXIS, dims if self.average.coordinatewise else None)
-    rows = P(WORKER_AXIS)
-    averaging = sharding.over_workers(
-      self.mesh,
-      functools.partial(diloco.average_pseudogradients, average=self.average, workers=workers),
-      in_specs=(theta, rows, rows, rows),
-      out_specs=(theta, rows, P()),
-    )
-    taking = sharding.over_workers(
-      self.mesh,
-      functools.partial(
-        diloco.take_shared,
-        inner_tx=self.inner_tx,
-        fragment=fragment,
-        mixing=self.mixing,
-        workers=workers,
-      ),
-      in_specs=(theta, rows, rows, rows),
-      out_specs=(rows, rows, rows),
-    )
-    return averaging, taking
-
   def _build(self, param_shapes):
     inner_tx, outer_tx, fragments = self.inner_tx, self.outer_tx, self.fragments
     specs = self._specs(param_shapes)
     self.state_sharding = sharding.named(self.mesh, specs)
     self.init_sharding = self.state_sharding.params
-    rows = [self._on_rows(specs.params, f) for f in fragments]
+    # The mean: the workers' parameters move to the owners of the shared shards (one
+    # all-to-all) and the average is local there.  A compressing averager encodes each worker's
+    # pseudogradient where it is, and its packed payloads travel.
+    to_owners = sharding.named(self.mesh, jax.tree.map(lambda s: P(None, *s), specs.params))
+
+    def regroup(f):
+      target = fragments_lib.subtree(to_owners, fragments[f])
+      return lambda worker_params: jax.lax.with_sharding_constraint(worker_params, target)
 
     def init(params):
       return diloco.init(params, inner_tx, outer_tx, self.num_workers, fragments, self.average)
@@ -336,17 +311,14 @@ class DiLoCo(_Layout):
       return diloco.inner_step(state, batch, self.loss_fn, inner_tx, spmd_axis_name=WORKER_AXIS)
 
     def exchange(f, state, active):
-      averaging = rows[f][0]
-      return diloco.exchange(
-        state, outer_tx, active, self.average, fragments, f, averaging=averaging
-      )
+      moved = regroup(f) if self.average.coordinatewise else None
+      return diloco.exchange(state, outer_tx, active, self.average, fragments, f, moved)
 
     def adopt(f, state, active):
-      taking = rows[f][1]
-      return diloco.adopt(state, inner_tx, active, fragments, f, self.mixing, taking=taking)
+      return diloco.adopt(state, inner_tx, active, fragments, f, self.mixing)
 
     def outer(f, state, active):
-      averaging, taking = rows[f]
+      moved = regroup(f) if self.average.coordinatewise else None
       return diloco.outer_sync(
         state,
         inner_tx,
@@ -355,9 +327,8 @@ class DiLoCo(_Layout):
         self.average,
         fragments,
         f,
-        self.mixing,
-        averaging=averaging,
-        taking=taking,
+        mixing=self.mixing,
+        regroup=moved,
       )
 
     def overlapped(exchanged, adopted, state, batch, exchange_active, adopt_active):

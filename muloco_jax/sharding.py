@@ -199,7 +199,7 @@ def owned_spec(shape: tuple[int, ...], spec: P, workers: int, fsdp: int) -> P:
   """The shared (outer) copy of a leaf: ``spec``, further split over the ``worker`` axis.
 
   The worker axis goes on the largest unsharded dimension divisible by ``workers``, else
-  before ``fsdp`` on the sharded one when it divides by ``workers x fsdp``; a leaf with
+  beside ``fsdp`` on the sharded one when it divides by ``workers x fsdp``; a leaf with
   neither stays replicated over workers (norm gains and biases: a few KiB).  Averaging the
   workers' parameters into this layout is a reduce-scatter over ``worker``, and handing the
   result back to the workers an all-gather.
@@ -213,7 +213,7 @@ def owned_spec(shape: tuple[int, ...], spec: P, workers: int, fsdp: int) -> P:
   else:
     for i, a in enumerate(axes):
       if a == FSDP_AXIS and shape[i] % (workers * fsdp) == 0:
-        axes[i] = (WORKER_AXIS, FSDP_AXIS)  # worker-major: each row owns whole blocks
+        axes[i] = (FSDP_AXIS, WORKER_AXIS)
   return P(*axes)
 
 
@@ -256,28 +256,31 @@ def named(mesh: Mesh, specs: PyTree) -> PyTree:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
-def owned_dim(spec: P) -> int | None:
-  """The dimension of a shared leaf that ``spec`` (an ``owned_spec``) splits over ``worker``."""
-  for i, axes in enumerate(spec):
-    if axes == WORKER_AXIS or (isinstance(axes, tuple) and WORKER_AXIS in axes):
-      return i
-  return None
+def _constrain_worker_axis(tree: PyTree, dim: int | None) -> PyTree:
+  if axis_size(WORKER_AXIS) == 1:
+    return tree
+
+  def constrain(x):
+    spec = [P.UNCONSTRAINED] * x.ndim
+    spec[dim or 0] = None if dim is None else WORKER_AXIS
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+  return jax.tree.map(constrain, tree)
 
 
-def worker_part(spec: P) -> P:
-  """``spec`` with only its ``worker`` axis: the spec ``over_workers`` takes for a leaf whose
-  layout is ``spec`` (``fsdp`` stays automatic inside)."""
-  dim = owned_dim(spec)
-  return P() if dim is None else P(*(None,) * dim, WORKER_AXIS)
+def split_over_workers(tree: PyTree, dim: int = 0) -> PyTree:
+  """``tree`` constrained to be split over ``worker`` along dimension ``dim`` of every leaf
+  (other dimensions as XLA likes).  Moving the split from dimension 0 (one slice per worker) to
+  dimension 1 (``[workers, K chunks, ...]``: worker row j holds chunk j of every worker) is an
+  all-to-all of exactly these arrays.  A no-op without a mesh in context."""
+  return _constrain_worker_axis(tree, dim)
 
 
-def over_workers(mesh: Mesh, fn, in_specs, out_specs):
-  """``fn`` mapped over the ``worker`` rows of ``mesh`` (``jax.shard_map`` manual over
-  ``worker`` only): inside, an array split over ``worker`` is this row's block, traffic
-  between rows is the collectives ``fn`` writes, and ``fsdp`` stays automatic."""
-  return jax.shard_map(
-    fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={WORKER_AXIS}
-  )
+def gather_workers(tree: PyTree) -> PyTree:
+  """``tree`` (leading worker axis) constrained to be whole on every worker row: an all-gather
+  over ``worker`` of exactly these arrays (e.g. packed payloads, not their decoded floats).
+  Other dimensions keep the sharding XLA gives them; a no-op without a mesh in context."""
+  return _constrain_worker_axis(tree, None)
 
 
 def like_one_worker(tree: PyTree) -> PyTree:

@@ -108,18 +108,6 @@ def test_config_names_the_bad_compression_key():
     config_lib.validate(config)
 
 
-@pytest.mark.parametrize("length", [1, 2, 3, 8, 1000, 4096])
-def test_count_at_most_is_searchsorted(length):
-  """The statistical quantizer's per-bin counts on accelerators (a sorted row's entries <= each
-  bin) agree with numpy's searchsorted."""
-  codes = np.sort(np.random.default_rng(length).integers(0, 256, length)).astype(np.int32)
-  bins = np.arange(-1, 257, dtype=np.int32)
-  np.testing.assert_array_equal(
-    C._count_at_most(jnp.asarray(codes), jnp.asarray(bins)),
-    np.searchsorted(codes, bins, side="right"),
-  )
-
-
 # ----------------------------------------------------------------------------- bit packing
 
 

@@ -2,15 +2,12 @@
 workers left out and restarted, and the averagers (the mean, compressed all-gather and
 reduce-scatter, workers' and owners' error feedback), their bytes and their settings."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from muloco_jax import compression, config as config_lib, diloco, runtime, sharding
 from muloco_jax.tools import aot
@@ -447,41 +444,3 @@ def test_bad_settings_are_named_before_compilation():
   bad.compression.error_feedback, bad.compression.error_feedback_scale = False, "outer_lr"
   with pytest.raises(ValueError, match="^compression.error_feedback_scale="):
     config_lib.validate(bad)
-
-
-def test_workers_collectives_on_rows_equal_all_workers_here():
-  """``diloco.Workers`` on 4 worker rows x fsdp 2, two of K=8 workers a row, equals the same
-  calls without a mesh (every worker here, collectives the identity)."""
-  k, rows = 8, 4
-  mesh = sharding.make_mesh(rows, 2)
-  rng = np.random.default_rng(0)
-  shared = {"owned": rng.normal(size=(8, 6)).astype(np.float32), "whole": np.arange(3.0)}
-  per_worker = {
-    "owned": rng.normal(size=(k, 8, 6)).astype(np.float32),
-    "whole": rng.normal(size=(k, 3)).astype(np.float32),
-  }
-  flags = np.arange(k) % 3 == 0
-  dims = {"owned": 0, "whole": None}
-
-  def calls(workers, shared, per_worker, flags):
-    squares = jax.tree.map(lambda x: jnp.sum(x * x), shared)
-    return (
-      workers.gather(flags),
-      workers.to_owners(per_worker),
-      workers.from_owners(shared),
-      workers.total(squares),
-    )
-
-  expected = calls(diloco.Workers(), shared, per_worker, flags)
-  on_rows = sharding.over_workers(
-    mesh,
-    functools.partial(calls, diloco.Workers(sharding.WORKER_AXIS, dims)),
-    in_specs=({"owned": P("worker"), "whole": P()}, P("worker"), P("worker")),
-    out_specs=(P(), {"owned": P(None, "worker"), "whole": P()}, P(), P()),
-  )
-  got = jax.jit(on_rows)(shared, per_worker, flags)
-  np.testing.assert_array_equal(got[0], expected[0])
-  # Every worker's part of the owned leaf lands at its owner; the whole leaf is gathered.
-  assert_trees_close(got[1], expected[1], atol=0)
-  assert_trees_close(got[2], expected[2], atol=0)
-  np.testing.assert_allclose(got[3], expected[3], rtol=1e-6)

@@ -410,11 +410,10 @@ def _muloco_config(overrides):
 )
 def test_compiling_a_run_logs_no_involuntary_rematerialization(overrides, capfd):
   """XLA's partitioner logs "Involuntary full rematerialization" when it can only reach a
-  sharding by replicating a tensor first; the outer sync, manual over ``worker``, gives it
-  none to do.  Compiled here (no persistent cache): every program of the plain run but
-  ``init``; of the others, the programs that sync (the first overlapped step).
-  Known exception: reduce_scatter with K < fsdp (K=2 x fsdp=4) still logs one, for the packed
-  codes of the attention kernels (a few KiB), as before the outer sync was manual."""
+  sharding by replicating a tensor first (memory and time at scale).  Compiled here (no
+  persistent cache): every program of the plain run but ``init``; of the others, the programs
+  that sync (the first overlapped step).  Known exception: reduce_scatter with K < fsdp
+  (K=2 x fsdp=4) logs one, for the packed codes of the attention kernels (a few KiB)."""
   jobs, _, _ = aot.programs(_muloco_config(overrides), jax.devices(), 256)
   names = [n for n in jobs if n != "init"]
   if overrides:
