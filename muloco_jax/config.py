@@ -93,6 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.diloco.overlap_steps = 0
   # alpha: on adoption theta_k <- (1 - alpha) theta + alpha theta_k (fragment_update_alpha).
   c.diloco.mixing = 0.0
+  # On adoption: "replace" (the worker takes the shared fragment) or "keep_progress" (it also
+  # keeps the overlap_steps steps it took since the exchange; one more copy of its parameters).
+  c.diloco.adoption = "replace"
   # Failure injection: "WORKER:START-END,..." loses worker WORKER for steps [START, END) (END
   # empty: for good); it misses the syncs in that window and rejoins from the shared parameters.
   c.diloco.drop_workers = ""
@@ -219,6 +222,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f"must be in [0, diloco.sync_every={d.sync_every}) (adopted before the fragment's next sync)",
   )
   _check(0.0 <= d.mixing <= 1.0, "diloco.mixing", d.mixing, "must be in [0, 1]")
+  _check(
+    d.adoption in diloco.ADOPTIONS,
+    "diloco.adoption",
+    d.adoption,
+    f"is not one of {diloco.ADOPTIONS}",
+  )
   drop_schedule(config)  # validates diloco.drop_workers
   c = config.compression
   _check(c.kind in COMPRESSORS, "compression.kind", c.kind, f"is not one of {COMPRESSORS}")

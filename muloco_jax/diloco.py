@@ -76,6 +76,9 @@ class DiLoCoState(NamedTuple):
       workers' error-feedback buffers ``e_k``, leading worker axis), ``optax.EmptyState()``
       when it keeps none.
     step: int32 number of inner steps taken.
+    exchanged_params: with progress-keeping adoption (``init(..., keep_progress=True)``), the
+      workers' parameters of each fragment as its last exchange read them (leading worker
+      axis); None otherwise.
   """
 
   params: PyTree
@@ -84,6 +87,7 @@ class DiLoCoState(NamedTuple):
   worker_opt_state: PyTree
   average_state: PyTree
   step: jax.Array
+  exchanged_params: PyTree = None
 
 
 def outer_optimizer(
@@ -133,11 +137,13 @@ def init(
   num_workers: int,
   fragments: "tuple[Fragment, ...]" = (None,),
   average: Averager | None = None,
+  keep_progress: bool = False,
 ) -> DiLoCoState:
   """Start of training: every worker holds ``params`` and a fresh inner optimizer state.
 
   One outer optimizer state per fragment; the averager's state (default ``mean_average()``:
-  none).
+  none); ``keep_progress``: ``adopt`` keeps the steps taken since the exchange (the state
+  then holds ``exchanged_params``, one more copy of the workers' parameters).
   """
   return DiLoCoState(
     params=params,
@@ -146,6 +152,7 @@ def init(
     worker_opt_state=_stack(inner_tx.init(params), num_workers),
     average_state=(average or mean_average()).init(params, num_workers),
     step=jnp.zeros((), jnp.int32),
+    exchanged_params=_stack(params, num_workers) if keep_progress else None,
   )
 
 
@@ -220,6 +227,7 @@ def overlapped_step(
     params=synced.params,
     outer_opt_state=synced.outer_opt_state,
     average_state=synced.average_state,
+    exchanged_params=synced.exchanged_params,
   )
   reset = jnp.zeros(jax.tree.leaves(state.worker_params)[0].shape[:1], bool)
   for f in adopted:
@@ -715,14 +723,23 @@ def exchange(
   outer_opt_state = tuple(
     fragment_outer_state if i == fragment_index else s for i, s in enumerate(state.outer_opt_state)
   )
+  exchanged_params = state.exchanged_params
+  if exchanged_params is not None:  # what adopt measures the progress since from
+    exchanged_params = merge(exchanged_params, subtree(state.worker_params, fragment), fragment)
   state = state._replace(
     params=merge(state.params, theta, fragment),
     outer_opt_state=outer_opt_state,
+    exchanged_params=exchanged_params,
     average_state=_map_buffers(
       lambda buffer, part: merge(buffer, part, fragment), state.average_state, average_state
     ),
   )
   return state, metrics
+
+
+# How workers take a synced fragment (``adopt``): the shared parameters in place of their own,
+# or the shared parameters plus the steps they took since the exchange.
+ADOPTIONS = ("replace", "keep_progress")
 
 
 def adopt(
@@ -735,7 +752,11 @@ def adopt(
 ) -> tuple[DiLoCoState, jax.Array]:
   """The second half of a sync: every worker takes the fragment's shared parameters,
   ``theta_k <- (1 - alpha) theta + alpha theta_k`` with ``alpha = mixing`` (0: theta itself;
-  the authors' ``fragment_update_alpha``, torchft's lerp towards the local parameters).
+  the authors' ``fragment_update_alpha``, torchft's lerp towards the local parameters).  With
+  progress-keeping adoption (``state.exchanged_params`` set, ``init(..., keep_progress=True)``)
+  the worker keeps the steps it took since the exchange read ``theta_k^x``:
+  ``theta_k <- (1 - alpha) (theta + theta_k - theta_k^x) + alpha theta_k`` (the same as
+  replacing when the adoption follows the exchange at once).
 
   A worker whose inner optimizer state or fragment parameters hold a non-finite value, or that
   is inactive (a lost worker comes back without its state), takes theta itself and restarts its
@@ -749,10 +770,14 @@ def adopt(
   reset |= ~_workers_all_finite(local, num_workers)
   if active is not None:
     reset |= ~active
-  mixed = _stack(theta, num_workers)
+  mixed = target = _stack(theta, num_workers)
+  if state.exchanged_params is not None:
+    since = subtree(state.exchanged_params, fragment)
+    target = jax.tree.map(lambda t, w, x: t + (w - x), mixed, local, since)
   if mixing:
-    blended = jax.tree.map(lambda t, w: (1 - mixing) * t + mixing * w, mixed, local)
-    mixed = _select_workers(reset, mixed, blended)
+    target = jax.tree.map(lambda t, w: (1 - mixing) * t + mixing * w, target, local)
+  if target is not mixed:  # a worker to reset takes theta itself
+    mixed = _select_workers(reset, mixed, target)
   fresh = restart_inner_state(inner_tx.init(state.params), state.worker_opt_state, num_workers)
   state = state._replace(
     worker_params=merge(state.worker_params, mixed, fragment),

@@ -210,6 +210,9 @@ class DiLoCo(_Layout):
       (``diloco.adopt``) tau steps after the sync step.  Must be < ``sync_every``.
     mixing: alpha, the authors' ``fragment_update_alpha``: on adoption
       ``theta_k <- (1 - alpha) theta + alpha theta_k``; 0 takes theta.
+    adoption: ``"replace"`` (the above) or ``"keep_progress"``: the worker also keeps the tau
+      steps it took since the exchange (``diloco.adopt``; one more copy of the workers'
+      parameters in the state).  The same as replacing without overlap.
 
   Batches have leaves ``[K, B/K, ...]`` sharded ``P("worker", "fsdp")`` (``shard_batch`` makes
   them from rows); the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step``,
@@ -232,6 +235,7 @@ class DiLoCo(_Layout):
     drops: tuple = (),
     overlap_steps: int = 0,
     mixing: float = 0.0,
+    adoption: str = "replace",
   ):
     if mesh is None:
       mesh = sharding.mesh_for_workers(num_workers, devices, fsdp)
@@ -250,6 +254,9 @@ class DiLoCo(_Layout):
     if not 0.0 <= mixing <= 1.0:
       raise ValueError(f"mixing={mixing} must be in [0, 1]")
     self.mixing = float(mixing)
+    if adoption not in diloco.ADOPTIONS:
+      raise ValueError(f"adoption={adoption!r} is not one of {diloco.ADOPTIONS}")
+    self.keep_progress = adoption == "keep_progress"
     self._everyone = None  # the placed all-active mask (`_active`)
     self.batch_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS, FSDP_AXIS))
     self.active_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS))
@@ -288,6 +295,7 @@ class DiLoCo(_Layout):
       worker_opt_state=stacked(inner_specs),
       average_state=sharding.leading_axis_specs(average_shapes, mesh.shape[FSDP_AXIS]),
       step=P(),
+      exchanged_params=stacked(worker_specs) if self.keep_progress else None,
     )
 
   def _build(self, param_shapes):
@@ -305,7 +313,15 @@ class DiLoCo(_Layout):
       return lambda worker_params: jax.lax.with_sharding_constraint(worker_params, target)
 
     def init(params):
-      return diloco.init(params, inner_tx, outer_tx, self.num_workers, fragments, self.average)
+      return diloco.init(
+        params,
+        inner_tx,
+        outer_tx,
+        self.num_workers,
+        fragments,
+        self.average,
+        keep_progress=self.keep_progress,
+      )
 
     def inner(state, batch):
       return diloco.inner_step(state, batch, self.loss_fn, inner_tx, spmd_axis_name=WORKER_AXIS)

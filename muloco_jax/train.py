@@ -197,6 +197,7 @@ def make_algorithm(config: ml_collections.ConfigDict, loss_fn, tx, param_shapes,
     drops=config_lib.drop_schedule(config),
     overlap_steps=d.overlap_steps,
     mixing=d.mixing,
+    adoption=d.adoption,
   )
 
 

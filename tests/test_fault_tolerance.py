@@ -121,6 +121,7 @@ def test_lost_workers_are_left_out_and_rejoin(tmp_path):
     ("model.num_layers", -1),
     ("diloco.drop_workers", "7:1-2"),  # only 4 workers
     ("diloco.sync_every", 0),
+    ("diloco.adoption", "keep"),
     ("optimizer.name", "lion"),
   ],
 )

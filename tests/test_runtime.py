@@ -321,8 +321,8 @@ def shard(batch):
   return jax.tree.map(lambda x: x.reshape((K, -1) + x.shape[1:]), batch)
 
 
-def run_overlapped(tau, alpha, mesh, average=None):
-  trainer = runtime.DiLoCo(
+def overlap_trainer(tau, alpha, mesh, average=None, adoption="replace"):
+  return runtime.DiLoCo(
     OVERLAP_MODEL.loss,
     INNER,
     OUTER,
@@ -333,7 +333,12 @@ def run_overlapped(tau, alpha, mesh, average=None):
     sync_every=SYNC_EVERY,
     overlap_steps=tau,
     mixing=alpha,
+    adoption=adoption,
   )
+
+
+def run_overlapped(tau, alpha, mesh, average=None, adoption="replace"):
+  trainer = overlap_trainer(tau, alpha, mesh, average, adoption)
   state = trainer.init(OVERLAP_MODEL.params())
   for step in range(1, STEPS + 1):
     state, _, _ = trainer.train_step(
@@ -358,6 +363,47 @@ def test_overlap_with_compressed_reduce_scatter():
   assert_trees_close(
     run_overlapped(2, 0.0, sharding.make_mesh(2, 1), average), reference(2, 0.0, average), atol=1e-4
   )
+
+
+def test_keep_progress_is_replace_without_overlap():
+  mesh = sharding.make_mesh(2, 1)
+  kept = run_overlapped(0, 0.5, mesh, adoption="keep_progress")
+  replaced = run_overlapped(0, 0.5, mesh)
+  assert_trees_close(kept._replace(exchanged_params=None), replaced, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_keep_progress_adds_the_steps_since_the_exchange(alpha):
+  """tau = 1: fragment 0 syncs at step 2, is exchanged beside inner step 3 and adopted after
+  it.  Written out: theta_k <- (1 - alpha) (theta + w3_k - w2_k) + alpha w3_k on fragment 0,
+  with w2, w3 the workers' parameters after steps 2 and 3 (step 3 from the pure inner step);
+  fragment 1 holds w3."""
+  trainer = overlap_trainer(1, alpha, sharding.make_mesh(2, 1), adoption="keep_progress")
+  state = trainer.init(OVERLAP_MODEL.params())
+  for step in (1, 2):
+    state, _, _ = trainer.train_step(state, trainer.shard_batch(overlap_batch(step)), step, False)
+  before = host(state)
+  w3 = host(diloco.inner_step(before, shard(overlap_batch(3)), OVERLAP_MODEL.loss, INNER)[0])
+  state, _, syncs = trainer.train_step(state, trainer.shard_batch(overlap_batch(3)), 3, False)
+  after = host(state)
+  assert len(syncs) == 1  # fragment 0's exchange ran in step 3's program
+  for key in FRAGMENTS[0]:
+    progress = jax.tree.map(np.subtract, w3.worker_params[key], before.worker_params[key])
+    expected = jax.tree.map(
+      lambda t, p, w: (1 - alpha) * (t[None] + p) + alpha * w,
+      after.params[key],
+      progress,
+      w3.worker_params[key],
+    )
+    assert_trees_close(after.worker_params[key], expected, atol=1e-6)
+    assert_trees_close(after.exchanged_params[key], before.worker_params[key], atol=0)
+  for key in FRAGMENTS[1]:
+    assert_trees_close(after.worker_params[key], w3.worker_params[key], atol=1e-6)
+
+
+def test_adoption_is_validated_by_name():
+  with pytest.raises(ValueError, match="^adoption='keep'"):
+    overlap_trainer(1, 0.0, sharding.make_mesh(2, 1), adoption="keep")
 
 
 def test_overlap_changes_the_result():
