@@ -117,6 +117,10 @@ def _workers_all_finite(tree: PyTree, num_workers: int) -> jax.Array:
   return finite
 
 
+def _zeros_like(tree: PyTree) -> PyTree:
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
 def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
   return jax.tree.map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
 
@@ -176,14 +180,17 @@ def inner_step(
   loss_fn: LossFn,
   inner_tx: optax.GradientTransformation,
   *,
+  active: jax.Array | None = None,
   spmd_axis_name: str | None = None,
 ) -> tuple[DiLoCoState, dict]:
   """One inner optimizer step of every worker on its own batch: ``optimizer_step`` vmapped.
 
   ``theta_k, s_k <- InnerOpt(theta_k, s_k, g_k)`` with ``g_k = grad loss_fn(theta_k, batch[k])``.
-  ``batch`` leaves have shape ``[workers, per-worker batch, ...]``.  ``spmd_axis_name`` is the
-  mesh axis the worker axis is sharded over (under ``jax.jit`` on a mesh), so that sharding
-  constraints inside the step (e.g. Muon's) apply per worker.  No communication across workers.
+  ``batch`` leaves have shape ``[workers, per-worker batch, ...]``.  ``active``: optional bool
+  ``[workers]``; a lost worker (False) takes no step (its parameters and state stay as they
+  are; ``rejoin`` restarts it).  ``spmd_axis_name`` is the mesh axis the worker axis is sharded
+  over (under ``jax.jit`` on a mesh), so that sharding constraints inside the step (e.g.
+  Muon's) apply per worker.  No communication across workers.
 
   Returns the new state and ``{"loss": [workers], "grad_norm": [workers]}``.
   """
@@ -191,6 +198,9 @@ def inner_step(
   worker_params, worker_opt_state, metrics = step(
     state.worker_params, state.worker_opt_state, batch
   )
+  if active is not None:
+    worker_params = _select_workers(active, worker_params, state.worker_params)
+    worker_opt_state = _select_workers(active, worker_opt_state, state.worker_opt_state)
   state = state._replace(
     worker_params=worker_params, worker_opt_state=worker_opt_state, step=state.step + 1
   )
@@ -496,8 +506,9 @@ def reduce_scatter_average(
   compresses the average again, with error feedback of its own unless ``owner_error_decay``
   (``beta``) is None (``r_j <- beta r_j + a_j;  q_j = C(r_j);  r_j <- r_j - D(q_j)``; neither
   the authors' code nor torchft keeps this buffer), and the packed ``q_j`` are all-gathered:
-  ``delta = concat_j D(q_j)``.  One worker sends 2 (K-1)/K payloads and holds one float32 tree
-  of decoded chunks.  With per-row statistics every chunk is quantized exactly as in the whole
+  ``delta = concat_j D(q_j)``.  An owner not in C (a lost worker) holds no buffer: a live
+  worker averages its chunk with ``r_j = 0`` and ``r_j`` stays zero until the owner is back.
+  One worker sends 2 (K-1)/K payloads and holds one float32 tree of decoded chunks.  With per-row statistics every chunk is quantized exactly as in the whole
   tensor, so without the owners' error feedback this is ``all_gather_average`` with
   ``requantize_average`` (to float32 round-off); per-tensor statistics and top-k's k become
   per chunk (padding rows included).
@@ -527,11 +538,17 @@ def reduce_scatter_average(
     at_owners = sharding.split_over_workers(payloads, dim=1)
     decoded = sharding.split_over_workers(jax.vmap(chunks.decode)(at_owners), 1)
     average = _contributing_mean(contributes, decoded)
+    # An owner not in C (lost) holds no buffer: a live worker averages its chunk, without one,
+    # and the chunk's buffer restarts at zero.
+    owner_buffer = state.owner_error
+    if owner_buffer is not None:
+      owner_buffer = _select_workers(contributes, owner_buffer, _zeros_like(owner_buffer))
     owner_feedback = functools.partial(codec.feedback, decay=owner_error_decay)
-    owner_payloads, owner_error = jax.vmap(owner_feedback)(state.owner_error, average)
+    owner_payloads, owner_error = jax.vmap(owner_feedback)(owner_buffer, average)
     owner_sent = average
     if owner_error is not None:
-      owner_sent = jax.tree.map(lambda r, a: owner_error_decay * r + a, state.owner_error, average)
+      owner_sent = jax.tree.map(lambda r, a: owner_error_decay * r + a, owner_buffer, average)
+      owner_error = _select_workers(contributes, owner_error, owner_buffer)
       owner_error = _select(_count(contributes)[0] > 0, owner_error, state.owner_error)
     owner_payloads = sharding.split_over_workers(owner_payloads)
     gathered = chunks.decode(sharding.gather_workers(owner_payloads))
@@ -784,6 +801,31 @@ def adopt(
     worker_opt_state=_select_workers(reset, fresh, state.worker_opt_state),
   )
   return state, reset
+
+
+def rejoin(
+  state: DiLoCoState, inner_tx: optax.GradientTransformation, rejoining: jax.Array
+) -> DiLoCoState:
+  """Workers back from a loss (bool ``[workers]`` mask ``rejoining``) restart from the shared
+  parameters: ``theta_k <- theta`` (every fragment), a fresh inner state with the schedule
+  positions of the old one (``restart_inner_state``), and their slices of every averager buffer
+  (error feedback, a chunk owner's buffer) at zero: what they held was lost with them, never
+  replayed.  The others are unchanged."""
+  num_workers = rejoining.shape[0]
+  shared = _stack(state.params, num_workers)
+  fresh = restart_inner_state(inner_tx.init(state.params), state.worker_opt_state, num_workers)
+  zero_slices = lambda buffer: _select_workers(
+    rejoining, jax.tree.map(jnp.zeros_like, buffer), buffer
+  )
+  exchanged = state.exchanged_params
+  if exchanged is not None:
+    exchanged = _select_workers(rejoining, shared, exchanged)
+  return state._replace(
+    worker_params=_select_workers(rejoining, shared, state.worker_params),
+    worker_opt_state=_select_workers(rejoining, fresh, state.worker_opt_state),
+    average_state=_map_buffers(zero_slices, state.average_state),
+    exchanged_params=exchanged,
+  )
 
 
 def outer_sync(

@@ -323,8 +323,12 @@ class DiLoCo(_Layout):
         keep_progress=self.keep_progress,
       )
 
-    def inner(state, batch):
-      return diloco.inner_step(state, batch, self.loss_fn, inner_tx, spmd_axis_name=WORKER_AXIS)
+    def inner(state, batch, active):
+      # Only a run that loses workers masks its steps (a select XLA fuses, moving round-off).
+      active = active if self.drops else None
+      return diloco.inner_step(
+        state, batch, self.loss_fn, inner_tx, active=active, spmd_axis_name=WORKER_AXIS
+      )
 
     def exchange(f, state, active):
       moved = regroup(f) if self.average.coordinatewise else None
@@ -347,10 +351,11 @@ class DiLoCo(_Layout):
         regroup=moved,
       )
 
-    def overlapped(exchanged, adopted, state, batch, exchange_active, adopt_active):
+    def overlapped(exchanged, adopted, state, batch, active, exchange_active, adopt_active):
+      inner_f = lambda state, batch: inner(state, batch, active)
       exchange_f = lambda f, state: exchange(f, state, exchange_active)
       adopt_f = lambda f, state: adopt(f, state, adopt_active)
-      return diloco.overlapped_step(state, batch, inner, exchange_f, adopt_f, exchanged, adopted)
+      return diloco.overlapped_step(state, batch, inner_f, exchange_f, adopt_f, exchanged, adopted)
 
     state, batch, active = self.state_sharding, self.batch_sharding, self.active_sharding
     replicated = jax.NamedSharding(self.mesh, P())
@@ -360,12 +365,18 @@ class DiLoCo(_Layout):
       for f in range(len(fragments))
     )
     self._init = jax.jit(init, out_shardings=state)
-    self._inner_step = jit(inner, (state, batch), (state, active), donate_argnums=0)
+    self._inner_step = jit(inner, (state, batch, active), (state, active), donate_argnums=0)
+    self._rejoin = jit(
+      lambda state, rejoining: diloco.rejoin(state, inner_tx, rejoining),
+      (state, active),
+      state,
+      donate_argnums=0,
+    )
     self._outer_syncs = per_fragment(outer, (state, replicated))
     self._adoptions = per_fragment(adopt, (state, active))
     self._overlapped = jit(
       overlapped,
-      (state, batch, active, active),
+      (state, batch, active, active, active),
       (state, active, replicated, active),
       static_argnums=(0, 1),
       donate_argnums=2,
@@ -404,14 +415,16 @@ class DiLoCo(_Layout):
         parts = [fragment("exchange", f, "{} {}") for f in syncs.exchanged]
         parts += [fragment("adopt", f, "{} {}") for f in syncs.adopted]
         name = f"overlapped_step[{', '.join(parts)}]" if parts else "inner_step"
-        args = (syncs.exchanged, syncs.adopted, state, batch, active, active)
+        args = (syncs.exchanged, syncs.adopted, state, batch, active, active, active)
         programs[name] = (self._overlapped, args)
       else:
-        programs["inner_step"] = (self._inner_step, (state, batch))
+        programs["inner_step"] = (self._inner_step, (state, batch, active))
       for _, f in syncs.settled:
         programs[fragment("adoption", f)] = (self._adoptions[f], (state, active))
       for f in syncs.synced:
         programs[fragment("outer_sync", f)] = (self._outer_syncs[f], (state, active))
+    if self.drops:
+      programs["rejoin"] = (self._rejoin, (state, active))
     return programs
 
   def batch_rows(self, global_batch_size: int) -> np.ndarray:
@@ -453,7 +466,7 @@ class DiLoCo(_Layout):
           f"B/K, ...], got shape {x.shape}; use shard_batch"
         )
       sharding.check_batch_size("batch size", x.shape[0] * x.shape[1], self.num_workers, self.mesh)
-    return self._inner_step(state, batch)
+    return self._inner_step(state, batch, self._placed(None))
 
   def outer_sync(
     self, state: diloco.DiLoCoState, active=None, fragment_index: int = 0
@@ -463,12 +476,20 @@ class DiLoCo(_Layout):
     ``pseudograd_norm``, ``num_contributing``, ``sync_bytes`` (scalars) and
     ``worker_pseudograd_norm``, ``worker_cosine``, ``worker_contributed``,
     ``worker_opt_state_reset`` (``[K]``)."""
-    if not isinstance(active, jax.Array):
-      active = np.ones(self.num_workers, bool) if active is None else np.asarray(active, bool)
-      if active.shape != (self.num_workers,):
-        raise ValueError(f"active must have shape ({self.num_workers},), got {active.shape}")
-      active = sharding.place_rows(active, self.active_sharding, active.shape)
-    return self._outer_syncs[fragment_index](state, active)
+    return self._outer_syncs[fragment_index](state, self._placed(active))
+
+  def _placed(self, active) -> jax.Array:
+    """A bool ``[K]`` mask (None: every worker) on the mesh."""
+    if isinstance(active, jax.Array):
+      return active
+    active = np.ones(self.num_workers, bool) if active is None else np.asarray(active, bool)
+    if active.shape != (self.num_workers,):
+      raise ValueError(f"active must have shape ({self.num_workers},), got {active.shape}")
+    if active.all():  # placed once: every step passes a mask
+      if self._everyone is None:
+        self._everyone = sharding.place_rows(active, self.active_sharding, active.shape)
+      return self._everyone
+    return sharding.place_rows(active, self.active_sharding, active.shape)
 
   def active_workers(self, step: int) -> np.ndarray:
     """Bool [K]: the workers not lost at ``step`` (see ``drops``)."""
@@ -477,6 +498,13 @@ class DiLoCo(_Layout):
       if start <= step < end:
         active[worker] = False
     return active
+
+  def rejoining_workers(self, step: int) -> np.ndarray:
+    """Bool [K]: the workers whose loss ends at ``step`` (they rejoin before it)."""
+    rejoining = np.zeros(self.num_workers, bool)
+    for worker, _, end in self.drops:
+      rejoining[worker] |= end == step
+    return rejoining & self.active_workers(step)
 
   def _active(self, step: int, syncing=True, warn=True):
     """The placed ``active`` mask of the workers at sync step ``step`` (everyone when not
@@ -489,32 +517,34 @@ class DiLoCo(_Layout):
         np.flatnonzero(~active).tolist(),
         active.sum(),
       )
-    if not active.all():
-      return sharding.place_rows(active, self.active_sharding, active.shape)
-    if self._everyone is None:  # placed once: the overlapped step passes a mask every step
-      self._everyone = sharding.place_rows(active, self.active_sharding, active.shape)
-    return self._everyone
+    return self._placed(active)
 
   def train_step(self, state, batch, step: int, final: bool):
     """The inner step and the syncs of ``step`` (``fragments.SyncSchedule.at``): without
     overlap, the inner step then the syncs due after it; with overlap, one program with the
     inner step, the exchanges of the syncs at ``step - 1`` and the adoptions of those at
-    ``step - tau``.  Per-worker ``[K]`` metrics stay on the device; the loop averages them when
-    it logs."""
+    ``step - tau``.  A worker lost at ``step`` (``drops``) takes no inner step and misses the
+    syncs; it rejoins (``diloco.rejoin``) before the step its loss ends at.  Per-worker ``[K]``
+    metrics stay on the device; the loop averages them when it logs."""
     tau, syncs = self.schedule.overlap_steps, self.schedule.at(step, final)
-    metrics = []
+    metrics, stepping = [], self._active(step, warn=False)
+    rejoining = self.rejoining_workers(step)
+    if rejoining.any():
+      logging.warning("Step %d: workers %s rejoin.", step, np.flatnonzero(rejoining).tolist())
+      state = self._rejoin(state, self._placed(rejoining))
     if tau:
       state, losses, exchanges, reset = self._overlapped(
         syncs.exchanged,
         syncs.adopted,
         state,
         batch,
+        stepping,
         self._active(step - 1, bool(syncs.exchanged)),
         self._active(step - tau, bool(syncs.adopted), warn=False),
       )
       metrics = [dict(m, worker_opt_state_reset=reset) for m in exchanges]
     else:
-      state, losses = self.inner_step(state, batch)
+      state, losses = self._inner_step(state, batch, stepping)
     for sync_step, f in syncs.settled:  # nothing may stay in flight at the end
       state, _ = self._adoptions[f](state, self._active(sync_step, warn=False))
     for f in syncs.synced:

@@ -1,6 +1,6 @@
 """Smoke runs of the reproduction sweeps (experiments/) and headless execution of the notebook.
 
-All slow: `pytest -m slow tests/test_experiments.py`.  Each script runs in a subprocess with
+All slow but the grid of reproduce.py's overlap stage: `pytest -m slow tests/test_experiments.py`.  Each script runs in a subprocess with
 --smoke into a temporary directory; the tests check the result files, tables and plots.
 """
 
@@ -63,10 +63,12 @@ def test_reproduce_smoke(tmp_path):
   trained = [line.split(" -> ")[0] for log in logs for line in log.splitlines() if " -> " in line]
   assert len(trained) == len(set(trained)) > 0  # no cell trained twice
   summary = json.loads((out / "summary.json").read_text())
-  assert {f["n_seeds"] for f in summary} <= {0, 2}
+  # Every finding on both seeds, but the overlap's alpha findings: pairs of (K, F, tau, seed).
+  assert {f["n_seeds"] for f in summary if " beats alpha=" not in f["finding"]} <= {0, 2}
   texts = " ".join(f["finding"] for f in summary)
   claims = ("DP Muon", "MuLoCo beats DiLoCo at K=2", "statistical 2-bit", "Error feedback")
-  for claim in claims + ("Streaming MuLoCo with F=2", "Muon's K=2"):
+  overlap = "Streaming MuLoCo K=2, F=2, overlap tau=1 with keep_progress adoption"
+  for claim in claims + ("Streaming MuLoCo with F=2", overlap, "alpha=0.5 beats", "Muon's K=2"):
     assert claim in texts, claim
   for f in ("summary.md", "results.md", "loss_vs_k.png", "compression.png", "directional.png"):
     assert (out / "reproduction" / f).stat().st_size > 0, f
@@ -74,6 +76,97 @@ def test_reproduce_smoke(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert " -> " not in again.stdout
   assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def _overlap_stage(plan):
+  """reproduce.overlap with a stand-in for Cells: the cells it asks for, per call of run, and
+  what it returns.  Synthetic losses make alpha 0.5 the best with replace, 0 with keep_progress."""
+  from experiments import reproduce
+
+  gap = {"replace": {0.0: 0.02, 0.5: 0.01}, "keep_progress": {0.0: 0.001, 0.5: 0.003}}
+
+  class Cells:
+    def __init__(self):
+      self.plan, self.asked = plan, []
+
+    def run(self, todo):
+      self.asked.append(todo)
+      return {
+        name: dict(
+          info,
+          final_eval_loss=1.45
+          * (1 + (gap[info["adoption"]][info["alpha"]] * info["tau"] if info["tau"] else 0)),
+        )
+        for name, (_, info) in todo.items()
+      }
+
+  chosen = {("muloco", k): dict(lr=0.04, outer=(0.7 + 0.3 * (k == 8), 0.6)) for k in plan.ks}
+  cells = Cells()
+  return cells.asked, reproduce.overlap(cells, chosen)
+
+
+def _keys(todo):
+  return {
+    (i["K"], i["fragments"], i["tau"], i["adoption"], i["alpha"], i["seed"])
+    for _, i in todo.values()
+  }
+
+
+def test_overlap_stage_is_the_stated_grid():
+  """Seed 0: K in {4, 8} x F in {2, 4} x (tau=0 once + tau in {1, 2} x both adoptions x alpha in
+  {0, 0.5}) = 36 cells; then seeds 1 and 2 at tau=0 and at each adoption's default alpha (the
+  lower mean seed-0 gap): 40 cells.  No training."""
+  from experiments import reproduce
+
+  (first, second), out = _overlap_stage(reproduce.Plan())
+  kf = [(k, f) for k in (4, 8) for f in (2, 4)]
+  adoptions, alphas = ("replace", "keep_progress"), (0.0, 0.5)
+  assert _keys(first) == {(k, f, 0, None, None, 0) for k, f in kf} | {
+    (k, f, tau, a, alpha, 0) for k, f in kf for tau in (1, 2) for a in adoptions for alpha in alphas
+  }
+  assert len(first) == 36
+  default = {"replace": 0.5, "keep_progress": 0.0}
+  assert _keys(second) == {(k, f, 0, None, None, s) for k, f in kf for s in (1, 2)} | {
+    (k, f, tau, a, default[a], s)
+    for k, f in kf
+    for tau in (1, 2)
+    for a in adoptions
+    for s in (1, 2)
+  }
+  assert len(second) == 40 and not set(first) & set(second)
+  assert set(out[(8, 4, 0, None, None)]) == set(out[(4, 2, 2, "keep_progress", 0.0)]) == {0, 1, 2}
+  assert set(out[(4, 2, 2, "keep_progress", 0.5)]) == {0}
+  # The overrides: the streaming stage's 4-layer model at K's chosen setting; tau = 0 is plain
+  # streaming (the library's adoption and alpha), tau > 0 sets both.
+  cells = {_keys({n: c}).pop(): (n, c[0]) for n, c in {**first, **second}.items()}
+  name, o = cells[(8, 4, 2, "keep_progress", 0.5, 0)]
+  assert name == "muloco_K8_lr0.04_outer1-0.6_L4_F4_tau2_keep_progress_a0.5_s0"
+  assert o == {
+    "optimizer.name": "muon",
+    "optimizer.learning_rate": 0.04,
+    "optimizer.adam_learning_rate": reproduce.common.MUON_ADAM_LR,
+    "diloco.num_workers": 8,
+    "diloco.outer_lr": 1.0,
+    "diloco.outer_momentum": 0.6,
+    "seed": 0,
+    "model.num_layers": 4,
+    "diloco.num_fragments": 4,
+    "diloco.overlap_steps": 2,
+    "diloco.adoption": "keep_progress",
+    "diloco.mixing": 0.5,
+  }
+  name, o = cells[(4, 2, 0, None, None, 1)]
+  assert name == "muloco_K4_lr0.04_outer0.7-0.6_L4_F2_tau0_s1"
+  assert o["diloco.overlap_steps"] == 0 and "diloco.adoption" not in o and "diloco.mixing" not in o
+
+
+def test_overlap_stage_smoke_grid():
+  """--smoke: K=2, F=2, tau in {0, 1}: 5 cells on seed 0, 3 on seed 1."""
+  from experiments import reproduce
+
+  (first, second), _ = _overlap_stage(reproduce.SMOKE_PLAN)
+  assert (len(first), len(second)) == (5, 3)
+  assert {i["K"] for _, i in (*first.values(), *second.values())} == {2}
 
 
 @pytest.mark.slow

@@ -116,3 +116,69 @@ def test_the_verdict_block_lives_in_experiments_readme_only():
   with open(os.path.join(root, "experiments", "README.md")) as f:
     doc = f.read()
   assert doc.count(findings.BEGIN) == doc.count(findings.END) == 1
+
+
+def _overlap(per_setting):
+  """{(K, F, tau, adoption, alpha): per-seed losses} -> runs["overlap"] of reproduce.overlap."""
+  return {key: {s: _run(v) for s, v in enumerate(vals)} for key, vals in per_setting.items()}
+
+
+def test_overlap_gaps_verdicts_and_default_alpha():
+  base = np.array([2.0, 2.02, 1.98])
+  noise = np.array([0.0, 0.002, -0.002])
+  overlap = _overlap(
+    {
+      (4, 2, 0, None, None): base,
+      # keep_progress: +0.1% at alpha 0 (within 0.5%: "reproduced"), +0.3% at alpha 0.5 (seed 0).
+      (4, 2, 1, "keep_progress", 0.0): base * 1.001 + noise / 10,
+      (4, 2, 1, "keep_progress", 0.5): base[:1] * 1.003,
+      # replace: +2% at alpha 0 (contrary: beyond the margin), +0.5% +- 1% at alpha 0.5 (seed 0
+      # best, so its default; the rule does not decide).
+      (4, 2, 1, "replace", 0.0): base[:1] * 1.02,
+      (4, 2, 1, "replace", 0.5): base * 1.005 + 10 * noise,
+    }
+  )
+  assert findings.overlap_default_alpha(overlap, "keep_progress") == 0.0
+  assert findings.overlap_default_alpha(overlap, "replace") == 0.5
+  assert findings.overlap_default_alpha({}, "replace") == 0.0  # the library's default
+  gaps = findings.relative_gaps(
+    findings.overlap_reference(overlap, 4, 2),
+    findings.seed_losses(overlap[(4, 2, 1, "keep_progress", 0.0)]),
+  )
+  assert gaps == pytest.approx(list((base * 1.001 + noise / 10 - base) / base))
+  items = {f["finding"]: f for f in findings.findings({}, {"overlap": overlap})}
+  keep = items[
+    "Streaming MuLoCo K=4, F=2, overlap tau=1 with keep_progress adoption (alpha=0) costs no "
+    "quality (loss increase < 0.5% of tau=0)"
+  ]
+  assert (keep["n_seeds"], keep["verdict"]) == (3, "reproduced")
+  assert keep["per_seed"] == pytest.approx(list(0.005 * base - (base * 0.001 + noise / 10)))
+  replace = next(v for k, v in items.items() if "tau=1 with replace adoption (alpha=0.5)" in k)
+  assert (replace["n_seeds"], replace["verdict"]) == (3, "inconclusive")
+  # The alpha findings pair every (K, F, tau, seed) run at both alphas: seed 0 only here.
+  alpha_keep = items[
+    "Overlap with keep_progress adoption: alpha=0.5 beats alpha=0 for tau > 0 (default chosen: "
+    "alpha=0)"
+  ]
+  assert alpha_keep["per_seed"] == pytest.approx([2.0 * (1.001 - 1.003)])
+  assert alpha_keep["verdict"] == "inconclusive"  # one pair decides nothing
+  table = "\n".join(findings.overlap_table(overlap))
+  assert "| 4 | 2 | 0 | - | - | 2.0000 +- 0.0200 | (reference) | |" in table
+  assert "| 4 | 2 | 1 | replace | 0 | 2.0400 (1 seed) | 2.0000 (1 seed) | inconclusive |" in table
+  assert "| 4 | 2 | 1 | keep_progress | 0 (default) |" in table
+  assert "| 4 | 2 | 1 | replace | 0.5 (default) |" in table
+  assert "keep_progress adoption, by the data: **0**" in table
+
+
+def test_overlap_contrary_result_is_contradicted():
+  base = np.array([2.0, 2.02, 1.98])
+  overlap = _overlap(
+    {
+      (8, 4, 0, None, None): base,
+      (8, 4, 2, "replace", 0.0): base * 1.03 + np.array([0.0, 0.001, -0.001]),
+    }
+  )
+  (item,) = [f for f in findings.overlap_findings(overlap) if "tau=2" in f["finding"]]
+  assert item["verdict"] == "contradicted"
+  assert item["effect_mean"] == pytest.approx(np.mean(0.005 * base - 0.03 * base), abs=1e-6)
+  assert findings.overlap_findings({}) == []

@@ -132,8 +132,8 @@ def test_inner_step_has_no_collectives():
   )
   state = trainer.init(make_params())
   batch = trainer.shard_batch(make_batch(0, 16))
-  inner_hlo = trainer._inner_step.lower(state, batch).compile().as_text()
   active = sharding.place_rows(np.ones(4, bool), trainer.active_sharding, (4,))
+  inner_hlo = trainer._inner_step.lower(state, batch, active).compile().as_text()
   outer_hlo = trainer._outer_syncs[0].lower(state, active).compile().as_text()
   assert not COLLECTIVE.findall(inner_hlo)
   assert "all-reduce" in outer_hlo
@@ -444,13 +444,16 @@ def _muloco_config(overrides):
   [
     {},
     {"diloco.overlap_steps": 1, "diloco.num_fragments": 2},
-    {"compression.kind": "statistical"},
-    {
-      "compression.kind": "statistical",
-      "compression.collective": "reduce_scatter",
-      "diloco.num_workers": 4,
-      "diloco.fsdp": 2,
-    },
+    pytest.param({"compression.kind": "statistical"}, marks=pytest.mark.slow),
+    pytest.param(
+      {
+        "compression.kind": "statistical",
+        "compression.collective": "reduce_scatter",
+        "diloco.num_workers": 4,
+        "diloco.fsdp": 2,
+      },
+      marks=pytest.mark.slow,
+    ),
   ],
   ids=["mean", "streaming_overlap", "compressed_all_gather", "compressed_reduce_scatter"],
 )
@@ -470,3 +473,67 @@ def test_compiling_a_run_logs_no_involuntary_rematerialization(overrides, capfd)
     fn, args = jobs[name]
     fn.lower(*args).compile()
   assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def _lost_worker_trainer(average=None, k=2, sync_every=6, drops=((1, 2, 4),)):
+  return runtime.DiLoCo(
+    loss_fn,
+    optax.sgd(0.1, momentum=0.9),
+    diloco.outer_optimizer(),
+    k,
+    sharding.make_mesh(k, 1),
+    average=average,
+    sync_every=sync_every,
+    drops=drops,
+  )
+
+
+def test_a_lost_worker_takes_no_steps_and_rejoins_from_the_shared_parameters():
+  """Worker 1 lost for steps [2, 4), no sync in the window: it takes no step at 2 and 3, and
+  before step 4 restarts from the shared parameters (the initial ones: no sync yet) with fresh
+  momentum.  Written out with optax for worker 1; worker 0 never notices."""
+  trainer = _lost_worker_trainer()
+  sgd = optax.sgd(0.1, momentum=0.9)
+  state = trainer.init(make_params())
+  after = {}
+  for step in range(1, 5):
+    state, _, _ = trainer.train_step(state, trainer.shard_batch(make_batch(step, 8)), step, False)
+    after[step] = host(state)
+  worker_1 = lambda s: jax.tree.map(lambda x: x[1], after[s].worker_params)
+  assert_trees_close(worker_1(3), worker_1(1), atol=0)  # no steps while lost
+  rows = jax.tree.map(lambda x: x[4:], make_batch(4, 8))  # worker 1's rows of step 4
+  grads = jax.grad(loss_fn)(make_params(), rows)
+  updates, _ = sgd.update(grads, sgd.init(make_params()))
+  assert_trees_close(worker_1(4), optax.apply_updates(make_params(), updates), atol=1e-6)
+  # Worker 0 as in a run without the loss.
+  alone = _lost_worker_trainer(drops=())
+  state = alone.init(make_params())
+  for step in range(1, 5):
+    state, _, _ = alone.train_step(state, alone.shard_batch(make_batch(step, 8)), step, False)
+  worker_0 = lambda s: jax.tree.map(lambda x: x[0], s.worker_params)
+  assert_trees_close(worker_0(after[4]), worker_0(host(state)), atol=0)
+
+
+def test_a_lost_owner_holds_no_buffer_and_a_rejoining_worker_replays_none():
+  """reduce_scatter, K=4, H=2, worker 1 lost for steps [3, 5): at the sync of step 4 its chunk
+  is requantized without owner error feedback (its buffer r_1 is zero after it, the others'
+  are not), and before step 5 its error-feedback buffer e_1, built at the sync of step 2,
+  restarts at zero instead of being replayed."""
+  average = diloco.compressed_average(
+    compression.CompressionSpec("statistical", bits=2), collective="reduce_scatter"
+  )
+  trainer = _lost_worker_trainer(average, k=4, sync_every=2, drops=((1, 3, 5),))
+  state = trainer.init(make_params())
+  after = {}
+  for step in range(1, 6):
+    state, _, _ = trainer.train_step(state, trainer.shard_batch(make_batch(step, 8)), step, False)
+    after[step] = host(state).average_state
+  norms = lambda tree: np.array(
+    [sum(float(np.sum(np.square(x[j]))) for x in jax.tree.leaves(tree)) for j in range(4)]
+  )
+  owner = norms(after[4].owner_error)
+  assert owner[1] == 0 and (np.delete(owner, 1) > 0).all()
+  assert norms(after[2].worker_error)[1] > 0  # built while it took part
+  assert norms(after[4].worker_error)[1] == norms(after[2].worker_error)[1]  # lost: untouched
+  workers = norms(after[5].worker_error)
+  assert workers[1] == 0 and (np.delete(workers, 1) > 0).all()
