@@ -282,6 +282,17 @@ class Checkpointer:
       logging.warning("Moved the unreadable checkpoint %d to %s.", step, self._set_aside(step))
     return result
 
+  def latest_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+    """{"worker_params.embed": (shape, dtype), ...} of the newest checkpoint whose metadata
+    reads (None: no checkpoint)."""
+    for step in sorted(self._retrying("listing the checkpoints", self._manager.all_steps))[::-1]:
+      try:
+        return _arrays(self._state_metadata(step))
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_unreadable(e):
+          raise
+    return None
+
   def write_config(self, config: ml_collections.ConfigDict | Mapping) -> None:
     """Saves the flattened `config` to `config_path` (process 0; replaces it atomically)."""
     if self._config_path is None or jax.process_index() != 0:

@@ -97,8 +97,14 @@ def default_config() -> ml_collections.ConfigDict:
   # keeps the overlap_steps steps it took since the exchange; one more copy of its parameters).
   c.diloco.adoption = "replace"
   # Failure injection: "WORKER:START-END,..." loses worker WORKER for steps [START, END) (END
-  # empty: for good); it misses the syncs in that window and rejoins from the shared parameters.
+  # empty: for good): it takes no steps, misses the syncs in that window, and rejoins from the
+  # shared parameters with a fresh inner state and error-feedback buffers.
   c.diloco.drop_workers = ""
+  # Resume a checkpoint saved with another diloco.num_workers (an elastic restart): the shared
+  # parameters, outer state and step are carried, every worker restarts from the shared
+  # parameters (fresh inner state, schedule kept; error feedback at zero; see
+  # `diloco.with_workers`).  Not with overlap_steps > 0.
+  c.diloco.elastic_resume = False
 
   c.compression = ml_collections.ConfigDict()
   c.compression.kind = "none"  # none | statistical | linear | topk
@@ -227,6 +233,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "diloco.adoption",
     d.adoption,
     f"is not one of {diloco.ADOPTIONS}",
+  )
+  _check(
+    not (d.elastic_resume and d.overlap_steps),
+    "diloco.elastic_resume",
+    d.elastic_resume,
+    "cannot resume with diloco.overlap_steps > 0 (an exchange may be in flight in the checkpoint)",
   )
   drop_schedule(config)  # validates diloco.drop_workers
   c = config.compression

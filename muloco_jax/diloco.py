@@ -828,6 +828,32 @@ def rejoin(
   )
 
 
+def with_workers(
+  state: DiLoCoState,
+  num_workers: int,
+  inner_tx: optax.GradientTransformation,
+  average: Averager | None = None,
+) -> DiLoCoState:
+  """An elastic restart: the state of ``num_workers`` (K') workers that resumes ``state`` (of
+  any K).  Carried: the shared parameters, the outer optimizer states and the step.  Every
+  worker restarts from the shared parameters with a fresh inner state at the schedule positions
+  of worker 0's (the workers share them, ``restart_inner_state``); the averager's buffers
+  restart at zero (``average.init``), as does progress-keeping's record.  What the workers did
+  since their last sync is dropped: a restart at a sync step loses nothing."""
+  first = jax.tree.map(lambda x: x[:1], state.worker_opt_state)
+  one = restart_inner_state(inner_tx.init(state.params), first, 1)
+  exchanged = None if state.exchanged_params is None else _stack(state.params, num_workers)
+  return DiLoCoState(
+    params=state.params,
+    outer_opt_state=state.outer_opt_state,
+    worker_params=_stack(state.params, num_workers),
+    worker_opt_state=jax.tree.map(lambda x: _stack(x[0], num_workers), one),
+    average_state=(average or mean_average()).init(state.params, num_workers),
+    step=state.step,
+    exchanged_params=exchanged,
+  )
+
+
 def outer_sync(
   state: DiLoCoState,
   inner_tx: optax.GradientTransformation,

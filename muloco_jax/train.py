@@ -400,6 +400,45 @@ class _Run(NamedTuple):
   live_bytes: int  # per device, when the state was the only thing allocated
 
 
+def _saved_workers(checkpointer: checkpoint_lib.Checkpointer, config) -> int | None:
+  """K of the newest checkpoint's state (its workers' parameters' leading axis), when
+  `diloco.elastic_resume` asks to resume it with this config's other K; else None."""
+  if not (config.diloco.elastic_resume and config.diloco.num_workers):
+    return None
+  arrays = checkpointer.latest_arrays() or {}
+  workers = {shape[0] for name, (shape, _) in arrays.items() if name.startswith("worker_params.")}
+  return workers.pop() if len(workers) == 1 and config.diloco.num_workers not in workers else None
+
+
+def _restore_workers(checkpointer, algorithm, param_shapes, config, saved_workers: int):
+  """An elastic restart: the checkpoint restored into the layout of its own K workers (on a
+  mesh of this run's devices), then `diloco.with_workers` and this run's layout."""
+  then = ml_collections.ConfigDict(config.to_dict())
+  then.diloco.update(num_workers=saved_workers, fsdp=0, drop_workers="")
+  loss_fn, inner_tx = algorithm.loss_fn, algorithm.inner_tx
+  before = make_algorithm(then, loss_fn, inner_tx, param_shapes, make_mesh(then))
+  restored = checkpointer.restore_latest(before.abstract_state(param_shapes), then)
+  if restored is None:
+    return None
+  step, state, meta = restored
+  resize = functools.partial(
+    diloco_lib.with_workers,
+    num_workers=config.diloco.num_workers,
+    inner_tx=inner_tx,
+    average=algorithm.average,
+  )
+  layout = jax.tree.map(lambda x: x.sharding, algorithm.abstract_state(param_shapes))
+  state = jax.device_put(jax.jit(resize)(state), layout)
+  logging.warning(
+    "Resumed the checkpoint of step %d, saved by %d workers, with %d: every worker restarts "
+    "from the shared parameters.",
+    step,
+    saved_workers,
+    config.diloco.num_workers,
+  )
+  return step, state, meta
+
+
 def _restore(checkpointer: checkpoint_lib.Checkpointer, algorithm, param_shapes, config):
   """`checkpointer.restore_latest` into the algorithm's state layout, checked for a resumable
   sync schedule; closes the checkpointer when either raises."""
@@ -408,7 +447,11 @@ def _restore(checkpointer: checkpoint_lib.Checkpointer, algorithm, param_shapes,
     # size, K, optimizer...) raises IncompatibleCheckpointError here, leaving it all in place.
     # Restored straight into the state's layout: no other copy of the state is allocated, so a
     # resume fits wherever training does.
-    restored = checkpointer.restore_latest(algorithm.abstract_state(param_shapes), config)
+    saved_workers = _saved_workers(checkpointer, config)
+    if saved_workers:
+      restored = _restore_workers(checkpointer, algorithm, param_shapes, config, saved_workers)
+    else:
+      restored = checkpointer.restore_latest(algorithm.abstract_state(param_shapes), config)
   except BaseException:
     checkpointer.close()
     raise

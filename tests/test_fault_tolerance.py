@@ -5,7 +5,9 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
+import optax
 import pytest
 
 from muloco_jax import config as config_lib
@@ -130,4 +132,48 @@ def test_bad_settings_name_themselves(setting, value, tmp_path):
   section, field = setting.split(".")
   config[section][field] = value
   with pytest.raises(ValueError, match=setting.replace(".", r"\.")):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("workers_after", [2, 8])
+def test_an_elastic_restart_carries_the_shared_state_to_other_k(tmp_path, workers_after):
+  """A K=4 run's checkpoint (step 10, a sync step) resumed with K'=2 or 8 and
+  diloco.elastic_resume: the shared parameters, outer state and step are the checkpoint's;
+  every worker holds the shared parameters, a fresh inner state at worker 0's schedule
+  positions; the run then trains on.  Without diloco.elastic_resume the other K is refused by
+  name, nothing changed."""
+  config = _tiny_diloco_config(tmp_path)
+  config.diloco.drop_workers = ""
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  saved = train._start_run(config, workdir)  # the K=4 state at step 10
+  saved.checkpointer.close()
+  config.diloco.num_workers = workers_after
+  with pytest.raises(ValueError, match=f"diloco.num_workers is 4 there, {workers_after} now"):
+    train._start_run(config, workdir)
+  config.diloco.elastic_resume = True
+  run = train._start_run(config, workdir)
+  run.checkpointer.close()
+  before, after = jax.device_get(saved.state), jax.device_get(run.state)
+  assert run.start_step == 10 and int(after.step) == int(before.step) == 10
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  same(after.params, before.params)
+  same(after.outer_opt_state, before.outer_opt_state)
+  same(after.worker_params, jax.tree.map(lambda x: np.stack([x] * workers_after), before.params))
+  is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+  positions = lambda s: [
+    np.asarray(n.count) for n in jax.tree.leaves(s, is_leaf=is_schedule) if is_schedule(n)
+  ]
+  assert positions(before.worker_opt_state)
+  for now, then in zip(positions(after.worker_opt_state), positions(before.worker_opt_state)):
+    np.testing.assert_array_equal(now, np.full(workers_after, then[0]))
+  config.train.num_steps = 14
+  record = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(record["train_loss"])
+
+
+def test_elastic_resume_refuses_overlap_by_name(tmp_path):
+  config = _tiny_diloco_config(tmp_path)
+  config.diloco.update(elastic_resume=True, overlap_steps=1)
+  with pytest.raises(ValueError, match=r"^diloco\.elastic_resume=True cannot resume"):
     config_lib.validate(config)
