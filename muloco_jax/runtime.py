@@ -309,6 +309,8 @@ class DiLoCo(_Layout):
     to_owners = sharding.named(self.mesh, jax.tree.map(lambda s: P(None, *s), specs.params))
 
     def regroup(f):
+      if not self.average.coordinatewise:
+        return None
       target = fragments_lib.subtree(to_owners, fragments[f])
       return lambda worker_params: jax.lax.with_sharding_constraint(worker_params, target)
 
@@ -331,25 +333,14 @@ class DiLoCo(_Layout):
       )
 
     def exchange(f, state, active):
-      moved = regroup(f) if self.average.coordinatewise else None
-      return diloco.exchange(state, outer_tx, active, self.average, fragments, f, moved)
+      return diloco.exchange(state, outer_tx, active, self.average, fragments, f, regroup(f))
 
     def adopt(f, state, active):
       return diloco.adopt(state, inner_tx, active, fragments, f, self.mixing)
 
     def outer(f, state, active):
-      moved = regroup(f) if self.average.coordinatewise else None
-      return diloco.outer_sync(
-        state,
-        inner_tx,
-        outer_tx,
-        active,
-        self.average,
-        fragments,
-        f,
-        mixing=self.mixing,
-        regroup=moved,
-      )
+      sync = functools.partial(diloco.outer_sync, mixing=self.mixing, regroup=regroup(f))
+      return sync(state, inner_tx, outer_tx, active, self.average, fragments, f)
 
     def overlapped(exchanged, adopted, state, batch, active, exchange_active, adopt_active):
       inner_f = lambda state, batch: inner(state, batch, active)
