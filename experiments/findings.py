@@ -141,6 +141,7 @@ def findings(chosen: dict, runs: dict) -> list[dict]:
     )
   out += compression_findings(chosen, runs)
   out += streaming_findings(runs.get("streaming", {}))
+  out += overlap_findings(runs.get("overlap", {}))
   out += directional_findings(runs.get("directional", {}))
   return out
 
@@ -242,6 +243,101 @@ def streaming_findings(streaming) -> list[dict]:
     for f in sorted(streaming)
     if f != 1
   ]
+
+
+# The overlap stage (issue 24): runs["overlap"] = {(K, F, tau, adoption, alpha): {seed: result}},
+# tau = 0 under the key (K, F, 0, None, None).
+OVERLAP_CLAIM = "issue 24: overlap costs no quality (tau = 1, 2 within 0.5% of tau = 0)"
+
+
+def overlap_reference(overlap, k, f) -> dict:
+  """{seed: loss} of the tau = 0 cells of (K, F)."""
+  return seed_losses(overlap.get((k, f, 0, None, None), {}))
+
+
+def relative_gaps(base: dict, losses: dict) -> list[float]:
+  """(L - L(tau=0)) / L(tau=0) per paired seed."""
+  return paired(lambda b, s: (s - b) / b, base, losses)
+
+
+def no_quality_cost(base: dict, losses: dict) -> list[float]:
+  """The margin effect per paired seed: 0.5% x L(tau=0) - [L - L(tau=0)] (positive: within)."""
+  return paired(lambda b, s: MARGIN * b - (s - b), base, losses)
+
+
+def overlap_settings(overlap, adoption) -> tuple[list, list]:
+  """(sorted alphas, sorted (K, F, tau > 0)) that the overlap stage ran for `adoption`."""
+  keys = [key for key in overlap if key[2] and key[3] == adoption]
+  return sorted({key[4] for key in keys}), sorted({key[:3] for key in keys})
+
+
+def overlap_default_alpha(overlap, adoption) -> float:
+  """The default alpha for tau > 0 with `adoption`, by the data: the alpha with the lowest mean
+  seed-0 relative loss gap to tau = 0 over the (K, F, tau) where every alpha has a seed-0 result
+  (a diverged run counts as an infinite gap); ties and no data: the smallest alpha (0.0 when the
+  stage has not run: the library's default)."""
+  alphas, configs = overlap_settings(overlap, adoption)
+  if not alphas:
+    return 0.0
+  gaps = {a: [] for a in alphas}
+  for k, f, tau in configs:
+    base = overlap_reference(overlap, k, f).get(0)
+    losses = [seed_losses(overlap.get((k, f, tau, adoption, a), {})).get(0) for a in alphas]
+    if base is None or any(x is None for x in losses):
+      continue
+    for a, x in zip(alphas, losses):
+      gap = (x - base) / base
+      gaps[a].append(gap if math.isfinite(gap) else math.inf)
+  if not gaps[alphas[0]]:
+    return alphas[0]
+  return min(alphas, key=lambda a: float(np.mean(gaps[a])))  # min keeps the first on ties
+
+
+def overlap_findings(overlap) -> list[dict]:
+  """Per (K, F, tau > 0, adoption) at the adoption's default alpha: no quality cost against
+  tau = 0 (non-inferiority within MARGIN, per seed); per adoption and larger alpha: whether it
+  beats the smallest alpha, paired over (K, F, tau, seed)."""
+  if not overlap:
+    return []
+  out = []
+  adoptions = sorted({key[3] for key in overlap if key[2]}, key=lambda a: (a != "replace", a))
+  defaults = {a: overlap_default_alpha(overlap, a) for a in adoptions}
+  for k, f in sorted({key[:2] for key in overlap}):
+    base = overlap_reference(overlap, k, f)
+    for tau in sorted({key[2] for key in overlap if key[:2] == (k, f) and key[2]}):
+      for adoption in adoptions:
+        alpha = defaults[adoption]
+        losses = seed_losses(overlap.get((k, f, tau, adoption, alpha), {}))
+        out.append(
+          finding(
+            f"Streaming MuLoCo K={k}, F={f}, overlap tau={tau} with {adoption} adoption "
+            f"(alpha={alpha:g}) costs no quality (loss increase < {100 * MARGIN:g}% of tau=0)",
+            OVERLAP_CLAIM,
+            no_quality_cost(base, losses),
+            f"{100 * MARGIN:g}% x L(tau=0) - [L(tau={tau}) - L(tau=0)]",
+          )
+        )
+  for adoption in adoptions:
+    alphas, configs = overlap_settings(overlap, adoption)
+    for alpha in alphas[1:]:
+      effects = []
+      for k, f, tau in configs:
+        effects += paired(
+          lambda lo, hi: lo - hi,
+          seed_losses(overlap.get((k, f, tau, adoption, alphas[0]), {})),
+          seed_losses(overlap.get((k, f, tau, adoption, alpha), {})),
+        )
+      out.append(
+        finding(
+          f"Overlap with {adoption} adoption: alpha={alpha:g} beats alpha={alphas[0]:g} for "
+          f"tau > 0 (default chosen: alpha={defaults[adoption]:g})",
+          "issue 24: the default alpha for tau > 0, chosen by measurement",
+          effects,
+          f"L(alpha={alphas[0]:g}) - L(alpha={alpha:g}), one value per (K, F, tau, seed) run "
+          "at both alphas (the rule's n counts these pairs)",
+        )
+      )
+  return out
 
 
 OPTIMIZER_LABELS = {"adamw": "AdamW (DiLoCo)", "muon": "Muon (MuLoCo)"}
@@ -386,6 +482,52 @@ def streaming_table(streaming) -> list[str]:
   return lines
 
 
+def overlap_table(overlap) -> list[str]:
+  """Every overlap setting per (K, F): loss, the paired relative gap to tau = 0 and the rule's
+  verdict on "within 0.5% of tau = 0" (the contrary results too), then the default alphas."""
+  if not overlap:
+    return []
+  adoptions = sorted({key[3] for key in overlap if key[2]}, key=lambda a: (a != "replace", a))
+  defaults = {a: overlap_default_alpha(overlap, a) for a in adoptions}
+  pct = f"{100 * MARGIN:g}%"
+  lines = [
+    f"| K | F | tau | adoption | alpha | loss | gap to tau=0 (paired, %) | within {pct} of tau=0 |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  order = lambda key: (key[0], key[1], key[2], adoptions.index(key[3]) if key[2] else -1, key[4])
+  for key in sorted(overlap, key=order):
+    k, f, tau, adoption, alpha = key
+    base, losses = overlap_reference(overlap, k, f), seed_losses(overlap[key])
+    if not tau:
+      lines.append(f"| {k} | {f} | 0 | - | - | {mean_std(losses.values())} | (reference) | |")
+      continue
+    gaps = [100 * g for g in relative_gaps(base, losses)]
+    gap = mean_std(gaps) if gaps else ""
+    v = verdict(no_quality_cost(base, losses))[3]
+    default = " (default)" if alpha == defaults[adoption] else ""
+    lines.append(
+      f"| {k} | {f} | {tau} | {adoption} | {alpha:g}{default} | {mean_std(losses.values())} | "
+      f"{gap} | {v} |"
+    )
+  lines.append("")
+  for adoption in adoptions:
+    alpha = defaults[adoption]
+    gaps = []
+    for k, f, tau in overlap_settings(overlap, adoption)[1]:
+      gaps += relative_gaps(
+        overlap_reference(overlap, k, f),
+        seed_losses(overlap.get((k, f, tau, adoption, alpha), {})),
+      )
+    mean = f"{100 * np.mean(gaps):+.3f}%" if gaps else "no runs yet"
+    lines.append(
+      f"Default alpha for tau > 0 with {adoption} adoption, by the data: **{alpha:g}** (the "
+      f"lowest mean seed-0 gap to tau=0 over K, F and tau; the other seeds run at it); mean gap at "
+      f"it over every K, F, tau and seed: {mean}."
+    )
+    lines.append("")
+  return lines[:-1]
+
+
 def directional_table(directional) -> list[str]:
   if not directional:
     return []
@@ -475,7 +617,7 @@ def report(chosen: dict, runs: dict, *, smoke: bool = False, out: str | None = N
   cpu = sum(r.get("cpu_seconds", 0.0) for r in cell_results)
   s = common.scale(smoke)
   setup = (
-    f"Tiny Llama-style model (d=128, 2 layers; 4 for streaming), byte-level KJV, float32; "
+    f"Tiny Llama-style model (d=128, 2 layers; 4 for streaming and overlap), byte-level KJV, float32; "
     f"{s['num_steps']} steps x {s['batch_size']} sequences x {s['seq_len']} bytes for every run, "
     f"H={s['sync_every']} ({s['num_steps'] // s['sync_every']} outer rounds), warm-up "
     f"{s['warmup_steps']} then cosine to 10%; Muon momentum 0.9 without Nesterov (its AdamW part "
@@ -496,6 +638,10 @@ def report(chosen: dict, runs: dict, *, smoke: bool = False, out: str | None = N
   for title, table in (
     ("Compression (MuLoCo, authors' recipe)", compression_table(chosen, runs)),
     ("Streaming (MuLoCo K=8, 4 layers)", streaming_table(runs.get("streaming", {}))),
+    (
+      "Overlap (streaming MuLoCo, 4 layers: the exchange overlaps tau inner steps)",
+      overlap_table(runs.get("overlap", {})),
+    ),
     (
       "Directional correctness (cosine to the K=1 pseudogradient)",
       directional_table(runs.get("directional", {})),

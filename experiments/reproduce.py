@@ -17,7 +17,12 @@ Stages, each a list of cells (one training run each) that depends only on finish
   5. control:     uncompressed, outer lr x the norm ratio ||D(C(x))|| / ||x|| of each compressor
                   without error feedback (seed 0's mean): step shrink without compression error;
   6. streaming:   MuLoCo K=8 on a 4-layer model, F in {1, 2, 4} fragments, 3 seeds;
-  7. directional: cos(K-worker averaged pseudogradient, K=1 pseudogradient) for AdamW and Muon at
+  7. overlap:     streaming MuLoCo on the 4-layer model at K in {4, 8}, F in {2, 4}, the exchange
+                  overlapping tau in {0, 1, 2} inner steps (issue 24), for tau > 0 with adoption
+                  replace or keep_progress and mixing alpha in {0, 0.5}: the whole grid on seed 0,
+                  then seeds 1 and 2 at tau = 0 and at each adoption's default alpha (the lowest
+                  mean seed-0 loss gap to tau = 0, findings.overlap_default_alpha);
+  8. directional: cos(K-worker averaged pseudogradient, K=1 pseudogradient) for AdamW and Muon at
                   their chosen DP learning rates, K in {2, 4, 8}, 3 seeds.
 Then `report`: experiments/results/summary.json (one entry per finding, verdict by the rule in
 `verdict`), experiments/results/reproduction/*.md and *.png, and the tables between the
@@ -43,6 +48,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import common  # pylint: disable=g-import-not-at-top
 from experiments import directional_correctness  # pylint: disable=g-import-not-at-top
+from experiments import findings  # pylint: disable=g-import-not-at-top
 
 SWEEP = "reproduction"
 INNER = {"dp_adamw": "adamw", "diloco": "adamw", "dp_muon": "muon", "muloco": "muon"}
@@ -65,7 +71,8 @@ CONTROL_MIN_SHRINK = 0.02  # a control only where the compressor shrinks the ste
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What the sweep runs; compression and streaming run at the largest K."""
+  """What the sweep runs; compression and streaming run at the largest K, overlap at overlap_ks
+  (on the streaming stage's model)."""
 
   ks: tuple = (1, 2, 4, 8)
   seeds: tuple = (0, 1, 2)
@@ -75,6 +82,11 @@ class Plan:
   compressors: tuple = tuple(COMPRESSORS)
   streaming_layers: int = 4
   fragments: tuple = (1, 2, 4)
+  overlap_ks: tuple = (4, 8)
+  overlap_fragments: tuple = (2, 4)
+  overlap_taus: tuple = (0, 1, 2)
+  adoptions: tuple = ("replace", "keep_progress")  # muloco_jax.diloco.ADOPTIONS
+  alphas: tuple = (0.0, 0.5)  # diloco.mixing for tau > 0
   directional_ks: tuple = (2, 4, 8)
   directional_warmup: int = 60  # data-parallel steps before the measured round
 
@@ -89,6 +101,9 @@ SMOKE_PLAN = Plan(
   compressors=("stat2", "topk2"),
   streaming_layers=2,
   fragments=(1, 2),
+  overlap_ks=(2,),
+  overlap_fragments=(2,),
+  overlap_taus=(0, 1),
   directional_ks=(2,),
   directional_warmup=2,
 )
@@ -97,8 +112,9 @@ common.define_flags()
 flags.DEFINE_list(
   "stages",
   [],
-  "Of compression, control, streaming and directional, run only these (default: all); tune, "
-  "outer and seeds always run, and control only with compression.",
+  "Of compression, control, streaming, overlap and directional, train only these (default: "
+  "all; the others' finished cells still go into the report); tune, outer and seeds always run, "
+  "and control only with compression.",
 )
 flags.DEFINE_float("poll", 10.0, "Seconds between checks for cells another process is training.")
 
@@ -130,6 +146,7 @@ class Cells:
     self.smoke = smoke
     self.plan = SMOKE_PLAN if smoke else Plan()
     self.dir = os.path.join(common.sweep_dir(SWEEP), "cells")
+    self.training = True  # False: `make` only collects finished cells (a stage not selected)
 
   def path(self, name):
     return os.path.join(self.dir, name + ".json")
@@ -152,9 +169,9 @@ class Cells:
   def make(self, jobs):
     """Runs `jobs[name]()`, which writes the cell's result file, for every cell not finished
     yet, each claimed by one process; returns {name: result} once every one is finished (by
-    this process or another), or the finished ones under --report_only."""
+    this process or another), or the finished ones under --report_only or without `training`."""
     fl = flags.FLAGS
-    while not fl.report_only:
+    while self.training and not fl.report_only:
       pending = [n for n in jobs if not os.path.exists(self.path(n))]
       if not pending:
         break
@@ -353,8 +370,64 @@ def streaming(cells, chosen):
   return out
 
 
+def overlap_keys(plan, alphas=None):
+  """The overlap stage's settings (K, F, tau, adoption, alpha): tau = 0 once per (K, F) (adoption
+  and alpha None: no exchange is in flight at adoption, so both adoptions are the same; it runs at
+  the library's replace, alpha 0), and for tau > 0 every adoption x alpha, or only alpha =
+  alphas[adoption] when given."""
+  keys = []
+  for k in plan.overlap_ks:
+    for f in plan.overlap_fragments:
+      for tau in plan.overlap_taus:
+        if not tau:
+          keys.append((k, f, 0, None, None))
+          continue
+        for adoption in plan.adoptions:
+          for alpha in plan.alphas if alphas is None else (alphas[adoption],):
+            keys.append((k, f, tau, adoption, alpha))
+  return keys
+
+
+def overlap_cell(plan, chosen, key, seed):
+  """(name, (overrides, info)) of one overlap cell: MuLoCo at K's chosen setting on the streaming
+  stage's model."""
+  k, f, tau, adoption, alpha = key
+  c = chosen[("muloco", k)]
+  layers = plan.streaming_layers
+  o = setting_overrides("muloco", k, c["lr"], c["outer"], seed)
+  o.update({"model.num_layers": layers, "diloco.num_fragments": f, "diloco.overlap_steps": tau})
+  parts = [f"L{layers}", f"F{f}", f"tau{tau}"]
+  if tau:
+    o.update({"diloco.adoption": adoption, "diloco.mixing": alpha})
+    parts += [adoption, f"a{alpha:g}"]
+  name = setting_name("muloco", k, c["lr"], c["outer"], seed, *parts)
+  return name, (o, dict(K=k, fragments=f, tau=tau, adoption=adoption, alpha=alpha, seed=seed))
+
+
+def overlap(cells, chosen):
+  """Stage 7: {(K, F, tau, adoption, alpha): {seed: result}}.  Seed 0 on every setting of
+  `overlap_keys`; then the other seeds at tau = 0 and, for tau > 0, at each adoption's default
+  alpha chosen from seed 0 (findings.overlap_default_alpha), as stage 3 does for learning rates."""
+  plan, out = cells.plan, {}
+
+  def train(keys, seeds):
+    todo, key_of = {}, {}
+    for key in keys:
+      for seed in seeds:
+        name, cell = overlap_cell(plan, chosen, key, seed)
+        todo[name], key_of[name] = cell, (key, seed)
+    for name, r in cells.run(todo).items():
+      key, seed = key_of[name]
+      out.setdefault(key, {})[seed] = r
+
+  train(overlap_keys(plan), plan.seeds[:1])
+  alphas = {a: findings.overlap_default_alpha(out, a) for a in plan.adoptions}
+  train(overlap_keys(plan, alphas), plan.seeds[1:])
+  return out
+
+
 def directional(cells, chosen):
-  """Stage 7: {(optimizer, seed): measurement} at the chosen DP learning rates."""
+  """Stage 8: {(optimizer, seed): measurement} at the chosen DP learning rates."""
   plan, jobs, keys = cells.plan, {}, {}
 
   def measure(name, optimizer, seed, lr):
@@ -375,8 +448,9 @@ def directional(cells, chosen):
 
 
 # The stages --stages may pick; tune, outer and seeds always run (the others start from their
-# choices), and control runs with compression (it reads compression's norm ratios).
-STAGES = ("compression", "control", "streaming", "directional")
+# choices), and control runs with compression (it reads compression's norm ratios).  A stage not
+# picked trains nothing but still collects its finished cells, so that the report stays whole.
+STAGES = ("compression", "control", "streaming", "overlap", "directional")
 
 
 def main(argv):
@@ -388,19 +462,20 @@ def main(argv):
   common.setup_jax()
   cells = Cells(fl.smoke)
   wanted = lambda stage: not fl.stages or stage in fl.stages
-  runs = {}
   tuned = tune(cells)
   chosen = choose(cells, tuned) if all(tuned.values()) else {}
-  if chosen and wanted("compression"):
-    runs["compression"] = compress(cells, chosen)
-    if wanted("control"):
-      runs["control"] = control(cells, chosen, runs["compression"])
-  if chosen and wanted("streaming"):
-    runs["streaming"] = streaming(cells, chosen)
-  if chosen and wanted("directional"):
-    runs["directional"] = directional(cells, chosen)
-  from experiments import findings  # pylint: disable=g-import-not-at-top
-
+  runs = {}
+  if chosen:
+    for stage, run in (
+      ("compression", lambda: compress(cells, chosen)),
+      ("control", lambda: control(cells, chosen, runs["compression"])),
+      ("streaming", lambda: streaming(cells, chosen)),
+      ("overlap", lambda: overlap(cells, chosen)),
+      ("directional", lambda: directional(cells, chosen)),
+    ):
+      cells.training = wanted(stage) and (stage != "control" or wanted("compression"))
+      runs[stage] = run()
+    cells.training = True
   findings.report(chosen, runs, smoke=fl.smoke)
 
 
