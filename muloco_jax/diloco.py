@@ -113,7 +113,9 @@ def _workers_all_finite(tree: PyTree, num_workers: int) -> jax.Array:
   finite = jnp.ones((num_workers,), bool)
   for x in jax.tree.leaves(tree):
     if jnp.issubdtype(x.dtype, jnp.inexact):
-      finite &= jnp.all(jnp.isfinite(x).reshape(num_workers, -1), axis=1)
+      # Reduced over the trailing axes where they are: a reshape to [workers, -1] made the
+      # partitioner replicate a leaf split over other axes than its first.
+      finite &= jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
   return finite
 
 

@@ -215,7 +215,8 @@ class DiLoCo(_Layout):
       parameters in the state).  The same as replacing without overlap.
 
   Batches have leaves ``[K, B/K, ...]`` sharded ``P("worker", "fsdp")`` (``shard_batch`` makes
-  them from rows); the ``active`` mask is ``[K]`` sharded ``P("worker")``.  ``inner_step``,
+  them from rows); ``active`` masks (``[K]`` bools) are replicated: split over ``worker``,
+  their broadcast against a leaf split over other axes made the partitioner replicate the leaf.  ``inner_step``,
   ``outer_sync`` and the overlapped step donate the state.
   """
 
@@ -259,7 +260,8 @@ class DiLoCo(_Layout):
     self.keep_progress = adoption == "keep_progress"
     self._everyone = None  # the placed all-active mask (`_active`)
     self.batch_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS, FSDP_AXIS))
-    self.active_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS))
+    self.active_sharding = jax.NamedSharding(mesh, P())  # see the class docstring
+    self.per_worker_sharding = jax.NamedSharding(mesh, P(WORKER_AXIS))  # [K] outputs
 
   def _specs(self, param_shapes) -> diloco.DiLoCoState:
     """The state's PartitionSpecs: the worker axis prepended to one worker's FSDP specs; the
@@ -349,6 +351,7 @@ class DiLoCo(_Layout):
       return diloco.overlapped_step(state, batch, inner_f, exchange_f, adopt_f, exchanged, adopted)
 
     state, batch, active = self.state_sharding, self.batch_sharding, self.active_sharding
+    per_worker = self.per_worker_sharding
     replicated = jax.NamedSharding(self.mesh, P())
     jit = functools.partial(_jit, self.mesh)
     per_fragment = lambda fn, out: tuple(
@@ -356,7 +359,7 @@ class DiLoCo(_Layout):
       for f in range(len(fragments))
     )
     self._init = jax.jit(init, out_shardings=state)
-    self._inner_step = jit(inner, (state, batch, active), (state, active), donate_argnums=0)
+    self._inner_step = jit(inner, (state, batch, active), (state, per_worker), donate_argnums=0)
     self._rejoin = jit(
       lambda state, rejoining: diloco.rejoin(state, inner_tx, rejoining),
       (state, active),
@@ -364,11 +367,11 @@ class DiLoCo(_Layout):
       donate_argnums=0,
     )
     self._outer_syncs = per_fragment(outer, (state, replicated))
-    self._adoptions = per_fragment(adopt, (state, active))
+    self._adoptions = per_fragment(adopt, (state, per_worker))
     self._overlapped = jit(
       overlapped,
       (state, batch, active, active, active),
-      (state, active, replicated, active),
+      (state, per_worker, replicated, per_worker),
       static_argnums=(0, 1),
       donate_argnums=2,
     )
