@@ -371,7 +371,7 @@ class DiLoCo(_Layout):
     self._overlapped = jit(
       overlapped,
       (state, batch, active, active, active),
-      (state, per_worker, replicated, per_worker),
+      (state, per_worker, replicated, replicated),  # reset masks replicated, as outer_sync's
       static_argnums=(0, 1),
       donate_argnums=2,
     )
