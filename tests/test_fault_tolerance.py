@@ -135,7 +135,7 @@ def test_bad_settings_name_themselves(setting, value, tmp_path):
     config_lib.validate(config)
 
 
-@pytest.mark.parametrize("workers_after", [2, 8])
+@pytest.mark.parametrize("workers_after", [2, pytest.param(8, marks=pytest.mark.slow)])
 def test_an_elastic_restart_carries_the_shared_state_to_other_k(tmp_path, workers_after):
   """A K=4 run's checkpoint (step 10, a sync step) resumed with K'=2 or 8 and
   diloco.elastic_resume: the shared parameters, outer state and step are the checkpoint's;

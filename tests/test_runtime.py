@@ -443,7 +443,7 @@ def _muloco_config(overrides):
   "overrides",
   [
     {"diloco.num_workers": 4, "diloco.fsdp": 2},
-    {"diloco.overlap_steps": 1, "diloco.num_fragments": 2},
+    pytest.param({"diloco.overlap_steps": 1, "diloco.num_fragments": 2}, marks=pytest.mark.slow),
     {"compression.kind": "statistical", "compression.collective": "reduce_scatter"},
     pytest.param({"compression.kind": "statistical"}, marks=pytest.mark.slow),
   ],
