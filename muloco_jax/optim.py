@@ -235,34 +235,59 @@ def _iterate_gram(x, coefficients: Coefficients, eps: float, operand_dtype):
   r, q = dot(x, jnp.swapaxes(x, -1, -2)), None
   for t, (a, b, c) in enumerate(coefficients):
     if t in restarts:
-      x = dot(q, x)
+      x = _split_product(q, x, operand_dtype)
       r, q = dot(x, jnp.swapaxes(x, -1, -2)), None
     z = b * r + c * (r @ r)
     q = z + a * eye if q is None else q @ z + a * q
     if t + 1 < len(coefficients) and t + 1 not in restarts:  # R is needed again
       rz = r @ z + a * r
       r = z @ rz + a * rz
-  return dot(q, x)
+  return _split_product(q, x, operand_dtype)
 
 
-def _wide_flops(m: int, n: int, coefficients: Coefficients, gram: bool) -> int:
-  """Matmul flops of Newton-Schulz (or Gram Newton-Schulz) on one wide m x n matrix."""
+def _split_product(q, x, operand_dtype):
+  """``q @ x`` with ``operand_dtype`` operands and x kept to float32 accuracy: x = hi + lo,
+  both parts rounded to ``operand_dtype``, two products.  Q's entries grow with the
+  iteration (a^k), so one product with x rounded once would scale x's rounding by them: in
+  bf16 Gram Newton-Schulz was then 2-14x further from float32's result than plain
+  Newton-Schulz (tests/test_newton_schulz.py)."""
+  dot = functools.partial(_product, operand_dtype=operand_dtype)
+  if not _splits(operand_dtype, x.dtype):
+    return dot(q, x)
+  hi = x.astype(operand_dtype).astype(x.dtype)
+  q_hi = q.astype(operand_dtype).astype(q.dtype)
+  return dot(q_hi, hi) + dot(q_hi, x - hi) + dot(q - q_hi, hi)
+
+
+def _wide_flops(m: int, n: int, coefficients: Coefficients, gram: bool, split: bool = False) -> int:
+  """Matmul flops of Newton-Schulz (or Gram Newton-Schulz) on one wide m x n matrix; `split`:
+  Gram's products with X in three narrow products (`_split_product`)."""
   if not gram:  # X X^T, A^2, (b A + c A^2) X per iteration
     return len(coefficients) * (4 * m * m * n + 2 * m**3)
-  # Per run of L iterations between restarts: R = X X^T and the closing Q X_0 (4 m^2 n), and
-  # 4 L - 3 m x m products (R^2 each, Q Z but the first, R Z and Z (R Z) but the last).
+  # Per run of L iterations between restarts: R = X X^T and the closing Q X_0 (2 m^2 n each,
+  # the latter 3 times split), and 4 L - 3 m x m products (R^2 each, Q Z but the first, R Z and
+  # Z (R Z) but the last).
   bounds = (0, *_gram_restarts(coefficients), len(coefficients))
   runs = [end - start for start, end in zip(bounds, bounds[1:])]
-  return sum(4 * m * m * n + (4 * length - 3) * 2 * m**3 for length in runs)
+  closing = 6 if split else 2
+  return sum((2 + closing) * m * m * n + (4 * length - 3) * 2 * m**3 for length in runs)
 
 
-def _uses_gram(shape: Sequence[int], coefficients: Coefficients, method: str) -> bool:
+def _splits(operand_dtype, dtype) -> bool:
+  """Whether Gram's products with X split X and Q (`_split_product`): narrower operands."""
+  return jnp.finfo(operand_dtype).bits < jnp.finfo(dtype).bits
+
+
+def _uses_gram(
+  shape: Sequence[int], coefficients: Coefficients, method: str, split: bool = False
+) -> bool:
   """Whether `method` runs Gram Newton-Schulz on matrices of `shape`: "gram" does where it
-  takes fewer flops, which is when n > 1.5 m for any restarts (S runs, T iterations:
-  Gram 4 S m^2 n + (8 T - 6 S) m^3 against T (4 m^2 n + 2 m^3)); not on squares."""
+  takes fewer flops: n > 1.5 m for any restarts (S runs, T iterations: Gram 4 S m^2 n +
+  (8 T - 6 S) m^3 against T (4 m^2 n + 2 m^3)), n > 4.5 m for five steps with `split`
+  (narrow operands: 8 S m^2 n); never on squares."""
   m, n = sorted(shape[-2:])
-  cheaper = _wide_flops(m, n, coefficients, True) < _wide_flops(m, n, coefficients, False)
-  return method == "gram" and cheaper
+  gram_flops = _wide_flops(m, n, coefficients, True, split)
+  return method == "gram" and gram_flops < _wide_flops(m, n, coefficients, False)
 
 
 def _check_method(method, name: str = "method") -> None:
@@ -285,9 +310,11 @@ def _newton_schulz(
   tall = x.shape[-2] > x.shape[-1]
   if tall:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
     x = jnp.swapaxes(x, -1, -2)
-  iterate = _iterate_gram if _uses_gram(x.shape, coefficients, method) else _iterate
+  operand_dtype = compute_dtype or in_dtype
+  split = _splits(operand_dtype, jnp.promote_types(in_dtype, jnp.float32))
+  iterate = _iterate_gram if _uses_gram(x.shape, coefficients, method, split) else _iterate
   iterate = functools.partial(
-    iterate, coefficients=coefficients, eps=eps, operand_dtype=compute_dtype or in_dtype
+    iterate, coefficients=coefficients, eps=eps, operand_dtype=operand_dtype
   )
   matrices = x.reshape(-1, *x.shape[-2:])
   if batched:
@@ -370,16 +397,19 @@ def newton_schulz_flops(
   *,
   schedule: Schedule = "classic",
   method: str = "newton_schulz",
+  compute_dtype: Any = None,
 ) -> int:
-  """Matmul flops of `orthogonalize(x, schedule, steps, method=method)` on one array of
-  `shape`: per wide m x n matrix (m <= n) steps (4 m^2 n + 2 m^3) for Newton-Schulz, and for
-  "gram" where it runs, 4 m^2 n per run between restarts plus 2 m^3 per m x m product."""
+  """Matmul flops of `orthogonalize(x, schedule, steps, compute_dtype, method=method)` on one
+  float32 array of `shape`: per wide m x n matrix (m <= n) steps (4 m^2 n + 2 m^3) for
+  Newton-Schulz, and for "gram" where it runs, 4 m^2 n per run between restarts (8 m^2 n with a
+  narrower `compute_dtype`: the products with X split) plus 2 m^3 per m x m product."""
   _check_method(method)
   *batch, m, n = shape
   m, n = min(m, n), max(m, n)
   coefficients = newton_schulz_coefficients(schedule, steps)
-  gram = _uses_gram((m, n), coefficients, method)
-  return math.prod(batch) * _wide_flops(m, n, coefficients, gram)
+  split = compute_dtype is not None and _splits(jnp.dtype(compute_dtype), jnp.float32)
+  gram = _uses_gram((m, n), coefficients, method, split)
+  return math.prod(batch) * _wide_flops(m, n, coefficients, gram, split)
 
 
 # --------------------------------------------------------------------------
