@@ -510,8 +510,8 @@ def reduce_scatter_average(
   the authors' code nor torchft keeps this buffer), and the packed ``q_j`` are all-gathered:
   ``delta = concat_j D(q_j)``.  An owner not in C (a lost worker) holds no buffer: a live
   worker averages its chunk with ``r_j = 0`` and ``r_j`` stays zero until the owner is back.
-  One worker sends 2 (K-1)/K payloads and holds one float32 tree of decoded chunks.  With per-row statistics every chunk is quantized exactly as in the whole
-  tensor, so without the owners' error feedback this is ``all_gather_average`` with
+  One worker sends 2 (K-1)/K payloads and holds one float32 tree of decoded chunks.  With
+  per-row statistics every chunk is quantized exactly as in the whole tensor, so without the owners' error feedback this is ``all_gather_average`` with
   ``requantize_average`` (to float32 round-off); per-tensor statistics and top-k's k become
   per chunk (padding rows included).
 
@@ -679,7 +679,7 @@ def outer_step(
   deltas = pseudogradient(theta_ref, worker_params)
   finite = _workers_all_finite(deltas, jax.tree.leaves(deltas)[0].shape[0])
   contributes = finite if active is None else finite & active
-  clean = _select_workers(contributes, deltas, jax.tree.map(jnp.zeros_like, deltas))
+  clean = _select_workers(contributes, deltas, _zeros_like(deltas))
   delta, average_state, metrics = (average or mean_average()).update(
     clean, contributes, average_state
   )
@@ -816,9 +816,7 @@ def rejoin(
   num_workers = rejoining.shape[0]
   shared = _stack(state.params, num_workers)
   fresh = restart_inner_state(inner_tx.init(state.params), state.worker_opt_state, num_workers)
-  zero_slices = lambda buffer: _select_workers(
-    rejoining, jax.tree.map(jnp.zeros_like, buffer), buffer
-  )
+  zero_slices = lambda buffer: _select_workers(rejoining, _zeros_like(buffer), buffer)
   exchanged = state.exchanged_params
   if exchanged is not None:
     exchanged = _select_workers(rejoining, shared, exchanged)

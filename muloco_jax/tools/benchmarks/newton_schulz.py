@@ -194,7 +194,8 @@ def benchmark(size, dtype, repeats):
     f"{baseline_err:.4f}): {method} / {schedule}, {speedup:.2f}x on the step ({per_shape})."
   )
   for shape, (t_ns, t_forced) in zip(squares, times[len(rows) :]):
-    flops = [optim._wide_flops(*shape, schedules[BASELINE], gram) for gram in (True, False)]
+    split = optim._splits(dtype, jnp.float32)  # bf16: Gram's products with X_0 split
+    flops = [optim._wide_flops(*shape, schedules[BASELINE], gram, split) for gram in (True, False)]
     print(
       f"Gram forced on {shape[0]}x{shape[1]} ({BASELINE}): {1e3 * np.median(t_forced):.1f} ms "
       f"against Newton-Schulz's {1e3 * np.median(t_ns):.1f} ms: "
