@@ -549,36 +549,50 @@ def _sharded_fan_axis(leaf, dim_numbers, spec, axis: str) -> int | None:
   return -2 if sharded & set(reduction) else -1 if sharded & set(output) else None
 
 
-def _orthogonalize_over_axis(matrices, fan_axes, newton_schulz, axis: str, shards: int):
-  """`newton_schulz` of each (batch, fan_in, fan_out) array of `matrices`, each of the
-  `shards` devices along mesh axis `axis` doing 1/shards of the matrices of every shape.
+def _wide(x):
+  """x, or its transpose over the last two axes when it has more rows than columns."""
+  return x if x.shape[-2] <= x.shape[-1] else jnp.swapaxes(x, -1, -2)
 
-  The matrices of one (fan_in, fan_out, dtype) are concatenated into one stack [N, m, n],
-  zero-padded to a multiple of `shards` (Newton-Schulz maps a zero matrix to zero), split
-  over `axis` along N (an all-to-all), orthogonalized there, and resharded over the fan axis
-  that `fan_axes` (-2, -1 or None per array) names most often, else the longer one (another
-  all-to-all), so that each array is then a local slice of the stack.
+
+def _orthogonalize_groups(matrices, newton_schulz, fan_axes=None, axis=None, shards=1):
+  """`newton_schulz` of each (batch, fan_in, fan_out) array of `matrices`, one call per group.
+
+  A group is every matrix of one wide shape (m <= n) and dtype, a tall matrix joining as its
+  transpose (Newton-Schulz maps X^T to the transpose of X's result): its matrices, from all
+  arrays and all their stacked layers, are concatenated into one stack [N, m, n],
+  orthogonalized in one batched computation and split again.
+
+  With `shards` > 1 devices along mesh axis `axis` (FSDP), each device does 1/shards of every
+  group: the stack is zero-padded to a multiple of `shards` (Newton-Schulz maps a zero matrix
+  to zero), split over `axis` along N (an all-to-all), orthogonalized there, and resharded
+  over the fan axis that `fan_axes` (-2, -1 or None per array) names most often, else the
+  longer one (another all-to-all), so that each array is then a local slice of the stack.
   """
   groups = {}
   for i, m in enumerate(matrices):
-    groups.setdefault((m.shape[1:], m.dtype), []).append(i)
+    groups.setdefault((_wide(m).shape[1:], m.dtype), []).append(i)
+  tall = [m.shape[-2] > m.shape[-1] for m in matrices]
   out = [None] * len(matrices)
   for (shape, _), members in groups.items():
-    stack = jnp.concatenate([matrices[i] for i in members])
+    stack = jnp.concatenate([_wide(matrices[i]) for i in members])
     count = len(stack)
-    stack = jnp.pad(stack, ((0, -count % shards), (0, 0), (0, 0)))
-    by_matrix = functools.partial(lax.with_sharding_constraint, shardings=P(axis, None, None))
-    # Pinned at both ends, the loop inside keeps whole matrices on each device (pinned at its
-    # input alone, XLA may split each matrix inside the loop, with all-reduces every step).
-    stack = by_matrix(newton_schulz(by_matrix(stack)))
-    votes = [fan_axes[i] for i in members]
-    fan_axis = max((-2, -1), key=lambda a: (votes.count(a), shape[a]))
-    stack = lax.with_sharding_constraint(
-      stack, P(None, *[axis if a == fan_axis else None for a in (-2, -1)])
-    )
+    if shards == 1:
+      stack = newton_schulz(stack)
+    else:
+      stack = jnp.pad(stack, ((0, -count % shards), (0, 0), (0, 0)))
+      by_matrix = functools.partial(lax.with_sharding_constraint, shardings=P(axis, None, None))
+      # Pinned at both ends, the loop inside keeps whole matrices on each device (pinned at
+      # its input alone, XLA may split each matrix inside the loop, with all-reduces every step).
+      stack = by_matrix(newton_schulz(by_matrix(stack)))
+      flip = {-2: -1, -1: -2, None: None}  # a tall array's fan axes, in the wide stack
+      votes = [flip[fan_axes[i]] if tall[i] else fan_axes[i] for i in members]
+      fan_axis = max((-2, -1), key=lambda a: (votes.count(a), shape[a]))
+      stack = lax.with_sharding_constraint(
+        stack[:count], P(None, *[axis if a == fan_axis else None for a in (-2, -1)])
+      )
     offsets = np.cumsum([len(matrices[i]) for i in members])[:-1]
-    for i, part in zip(members, jnp.split(stack[:count], offsets)):
-      out[i] = part
+    for i, part in zip(members, jnp.split(stack, offsets)):
+      out[i] = jnp.swapaxes(part, -1, -2) if tall[i] else part
   return out
 
 
@@ -622,9 +636,10 @@ def scale_by_muon(
   the batch and its per-layer shape must be a Flax (in, out) kernel; a leaf of
   per-layer rank > 2 needs explicit `MuonDimensionNumbers` (all axes not named
   in them are a batch).  Every leaf must be a matrix per layer (use `muon` to
-  route the rest to AdamW).  Each leaf's matrices are orthogonalized in one
-  `orthogonalize` computation; leaves are not concatenated into one batch per
-  shape (that costs two copies of every matrix and gains nothing on CPU).
+  route the rest to AdamW).  The matrices of one shape (a tall one as its
+  transpose, so a (d, 4d) and a (4d, d) kernel share it) and dtype, from all
+  leaves and all their stacked layers, are orthogonalized in one batched
+  `orthogonalize` computation: one call per shape rather than per leaf.
 
   FSDP (`shard_axis`): with parameters sharded over a mesh axis of size F > 1,
   Newton-Schulz on each leaf has XLA either gather every matrix onto every
@@ -632,8 +647,7 @@ def scale_by_muon(
   collectives (150M on 8 CPU devices: 360 all-gathers and 132 all-reduces a
   step, see `muloco_jax.tools.benchmarks.sharded_muon`).  Instead, when `shard_axis`
   names an axis of size F > 1 of the mesh in context (`jax.set_mesh`; an Auto
-  axis), the N matrices of each (fan_in, fan_out, dtype), from all leaves and
-  all their stacked layers, form one stack [N, fan_in, fan_out], zero-padded
+  axis), the stack [N, m, n] of each shape above is zero-padded
   to N' = F ceil(N / F) (Newton-Schulz maps 0 to 0: X_0 = 0 / (0 + eps)).
   The stack is constrained to `P(shard_axis)`, so that each device holds
   N' / F whole matrices (XLA moves them with an all-to-all) and orthogonalizes
@@ -647,7 +661,7 @@ def scale_by_muon(
   Inside `jax.vmap(..., spmd_axis_name=...)` (DiLoCo workers) the constraints
   keep the vmapped axis where it is sharded, so the all-to-alls stay within
   each worker's group.  Without a mesh in context, or with the axis absent or
-  of size 1, each leaf is orthogonalized as above.
+  of size 1, each stack is orthogonalized where it lies.
 
   All arguments are keyword-only; names follow `optax.contrib.scale_by_muon`.
 
@@ -707,15 +721,13 @@ def scale_by_muon(
       method=ns_method,
     )
     shards = _mesh_axis_size(shard_axis)
-    specs = [None] * len(leaves)
+    specs, fan_axes = [None] * len(leaves), None
     if shards > 1:
       if param_specs is not None:
         specs = treedef.flatten_up_to(param_specs(params) if callable(param_specs) else param_specs)
       fan_axes = [_sharded_fan_axis(*args, shard_axis) for args in zip(leaves, dims, specs)]
       newton_schulz = functools.partial(newton_schulz, batched=True)
-      ortho = _orthogonalize_over_axis(matrices, fan_axes, newton_schulz, shard_axis, shards)
-    else:
-      ortho = map(newton_schulz, matrices)
+    ortho = _orthogonalize_groups(matrices, newton_schulz, fan_axes, shard_axis, shards)
     out = []
     for leaf, m, inverse, o, spec in zip(leaves, matrices, inverses, ortho, specs):
       o = inverse(o * shape_scale(*m.shape[1:], scale)).astype(leaf.dtype)

@@ -340,3 +340,40 @@ def test_rank3_leaf_needs_dimension_numbers():
   # A stacked norm gain (L, d) is a vector per layer: not a matrix for Muon.
   with pytest.raises(ValueError, match="rank >= 2 per layer"):
     tx.init({"layers": {"scale": jnp.ones((3, 6))}})
+
+
+def _newton_schulz_calls(fn, *args):
+  """The `_newton_schulz` calls in fn's jaxpr, as the shapes they orthogonalize."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return sorted(
+    eqn.invars[0].aval.shape
+    for eqn in jaxpr.eqns
+    if eqn.primitive.name in ("pjit", "jit") and eqn.params["name"] == "_newton_schulz"
+  )
+
+
+def test_muon_step_orthogonalizes_each_shape_in_one_call():
+  # q, k, v (16 x 16), a stacked (16 x 48) up and an unstacked (48 x 16) down: two shapes once
+  # the tall down joins up as its transpose, so two calls on stacks of 3 and 2 + 1 matrices.
+  keys = jax.random.split(jax.random.key(11), 5)
+  grads = {
+    "attn": {n: jax.random.normal(k, (16, 16)) for n, k in zip("qkv", keys)},
+    "mlp": {
+      "up": jax.random.normal(keys[3], (2, 16, 48)),
+      "down": jax.random.normal(keys[4], (48, 16)),
+    },
+  }
+  stacked = lambda path, leaf: 1 if leaf.ndim == 3 else 0
+  tx = muon_lib.scale_by_muon(ns_coeffs="muloco", stacked_axes=stacked)
+  step = lambda g: tx.update(g, tx.init(g))[0]
+  assert _newton_schulz_calls(step, grads) == [(3, 16, 16), (3, 16, 48)]
+  out = jax.jit(step)(grads)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+    fan_in, fan_out = leaf.shape[-2:]
+    expected = muon_lib.shape_scale(fan_in, fan_out, "spectral") * muloco_jax.orthogonalize(
+      leaf, "muloco"
+    )
+    got = out
+    for key in path:
+      got = got[key.key]
+    np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=jax.tree_util.keystr(path))

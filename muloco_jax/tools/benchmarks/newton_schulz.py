@@ -8,15 +8,17 @@ iterations each) against `optax.contrib`'s Newton-Schulz with the same coefficie
 all in one run: every round runs every call, the (shape, schedule) groups in a fresh random
 order and optax and ours on the same matrix one right after the other, also in random order,
 so that load from elsewhere on the machine falls on them alike.  Times are medians over the
-rounds; optax / ours is the median of the per-round ratios.  The "step" row weighs each shape
-by its number of hidden matrices in the model (one Muon step's Newton-Schulz), per round.
-A call shorter than the longest one is repeated back to back up to its length.
+rounds; optax / ours is the median of the per-round ratios.  A call shorter than the longest
+one is repeated back to back up to its length.  The "step" row times one Muon step as each
+optimizer runs it, in the same rounds: `optax.contrib.scale_by_muon` against our
+`scale_by_muon` (each method) on the preset's hidden matrices, one jitted update each; ours
+orthogonalizes each shape's matrices in one batched call, optax each matrix on its own.
 
 Accuracy: the relative Frobenius distance ||O - U V^T||_F / ||U V^T||_F of the result O to the
 exact polar factor of G = U S V^T, averaged over gradient-like matrices: random singular
 vectors and decaying spectra s_k = k^-alpha, alpha in `ALPHAS` (their normalised smallest
 singular values, 1.7e-2 / 1.5e-3 / 7.9e-5 of the 2-norm at 512 rows, are where the schedules
-differ).  The step's accuracy weighs the shapes as its time does.  With --dtype=bfloat16 the
+differ).  The step's accuracy weighs the shapes by their number of hidden matrices.  With --dtype=bfloat16 the
 matrices are bf16 (ours: bf16 matmul operands, float32 elsewhere; optax: whatever its code
 does with bf16 inputs and float32 coefficients).
 
@@ -64,15 +66,19 @@ def round_times(groups, repeats):
   return [[np.asarray(t) for t in group] for group in times]
 
 
-def hidden_shapes(size):
-  """{shape: how many hidden (Muon) matrices of the preset have it}."""
+def hidden_matrices(size):
+  """The preset's hidden (Muon) matrices, unstacked, as a flat list of shapes."""
   config = model_lib.model_config(size, scan_layers=False)
   shapes = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
   labels = jax.tree.leaves(optim.muon_labels(shapes))
+  return [leaf.shape for leaf, label in zip(jax.tree.leaves(shapes), labels) if label == "muon"]
+
+
+def hidden_shapes(size):
+  """{shape: how many hidden (Muon) matrices of the preset have it}."""
   counts = {}
-  for leaf, label in zip(jax.tree.leaves(shapes), labels):
-    if label == "muon":
-      counts[leaf.shape] = counts.get(leaf.shape, 0) + 1
+  for shape in hidden_matrices(size):
+    counts[shape] = counts.get(shape, 0) + 1
   return dict(sorted(counts.items()))
 
 
@@ -115,6 +121,22 @@ def calls(coefficients, compute_dtype):
   return out
 
 
+def step_calls(coefficients, compute_dtype):
+  """{name: (jitted Muon update of a tree of hidden matrices, its state's init)}: optax's
+  `scale_by_muon` and ours with each method, the same coefficients, eps and momentum."""
+  matrix = lambda updates: jax.tree.map(lambda _: optax_muon.MuonDimensionNumbers(), updates)
+  optimizers = {
+    "optax": optax_muon.scale_by_muon(
+      tuple(coefficients), eps=1e-7, weight_dimension_numbers=matrix
+    )
+  }
+  for method in optim.METHODS:
+    optimizers[method] = optim.scale_by_muon(
+      ns_coeffs=coefficients, eps=1e-7, ns_method=method, compute_dtype=compute_dtype
+    )
+  return {name: (jax.jit(tx.update), tx.init) for name, tx in optimizers.items()}
+
+
 def forced_gram(coefficients):
   """Gram iterations on a matrix of any shape (what "gram" does not run on squares)."""
   return jax.jit(lambda x: optim._iterate_gram(x, coefficients, 1e-7, x.dtype).astype(x.dtype))
@@ -139,6 +161,11 @@ def benchmark(size, dtype, repeats):
     [(fn, (x_of[shape],), runs(shape)) for fn in (plain, forced_gram(schedules[BASELINE]))]
     for shape in squares
   ]
+  grads = [x_of[shape] for shape in hidden_matrices(size)]
+  steps = {s: step_calls(c, compute_dtype) for s, c in schedules.items()}
+  groups += [
+    [(update, (grads, init(grads)), 1) for update, init in fns.values()] for fns in steps.values()
+  ]
   times = round_times(groups, repeats)
 
   table = {}  # (shape or "step", schedule) -> {name: (per-round seconds, error)}
@@ -147,13 +174,10 @@ def benchmark(size, dtype, repeats):
       name: (t, distance(fn, samples)) for (name, fn), t in zip(fns.items(), group)
     }
   total = sum(counts.values())
-  for schedule in schedules:
+  for (schedule, fns), group in zip(steps.items(), times[len(rows) + len(squares) :]):
     table["step", schedule] = {
-      name: (
-        sum(counts[s] * table[s, schedule][name][0] for s in counts),
-        sum(counts[s] * table[s, schedule][name][1] for s in counts) / total,
-      )
-      for name in ("optax", *optim.METHODS)
+      name: (t, sum(counts[s] * table[s, schedule][name][1] for s in counts) / total)
+      for name, t in zip(fns, group)
     }
 
   print(
