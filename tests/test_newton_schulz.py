@@ -172,6 +172,43 @@ def test_bfloat16_operands_keep_the_float32_polynomial(method):
   assert _relative(out16, expected) < 0.005
 
 
+def _scan_carries(jaxpr):
+  """The dtypes carried by every scan in a jaxpr and the jaxprs inside it."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      out += [v.aval.dtype for v in eqn.outvars[: eqn.params["num_carry"]]]
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        out += _scan_carries(inner)
+  return out
+
+
+def test_bfloat16_iterations_keep_x_in_bfloat16_and_the_float32_polynomials_accuracy():
+  """With bf16 operands X stays bf16 between iterations (the loop carries bf16, not float32:
+  half the bytes per iteration), and the result is within 1.25x of float32's distance to the
+  exact polar factor (0.0214 against 0.0179; a float32 X gave 0.0211), closer than optax's bf16
+  iteration (0.0327: its coefficients rounded to bf16)."""
+  g, polar = _spectral(np.random.default_rng(3), (128, 352), _spread(128, 0.01))
+  g16 = jnp.asarray(g, jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(lambda x: optim.orthogonalize(x, "muloco"))(g16)
+  assert _scan_carries(jaxpr.jaxpr) == [jnp.bfloat16]
+  coefficients = jnp.asarray(optim.newton_schulz_coefficients("muloco"))
+  error = {
+    "float32": _relative(optim.orthogonalize(jnp.asarray(g, jnp.float32), "muloco"), polar),
+    "bfloat16": _relative(optim.orthogonalize(g16, "muloco").astype(jnp.float32), polar),
+    "optax": _relative(
+      optax.contrib._muon.orthogonalize_via_newton_schulz(g16, coefficients, eps=1e-7).astype(
+        jnp.float32
+      ),
+      polar,
+    ),
+  }
+  assert error["bfloat16"] <= 1.25 * error["float32"], error
+  assert error["bfloat16"] < error["optax"], error
+
+
 def _low_rank_plus_noise(rng, m, n, rank=8, noise=0.05):
   """Gradient-like: a few strong directions over a noise floor."""
   a = rng.normal(size=(m, rank)) @ rng.normal(size=(rank, n)) / np.sqrt(rank)

@@ -22,6 +22,12 @@ differ).  The step's accuracy weighs the shapes by their number of hidden matric
 matrices are bf16 (ours: bf16 matmul operands, float32 elsewhere; optax: whatever its code
 does with bf16 inputs and float32 coefficients).
 
+With --compile_for=v5p:2x2x1 (a TPU topology; libtpu compiles it here, no TPU needed) it also
+prints XLA's cost analysis of optax's and our Newton-Schulz on each shape compiled for one of
+its chips: bytes accessed and estimated seconds.  Both iterate in a loop, whose body the
+analysis counts once, so the figures are one iteration plus the set-up: what the float32 work
+around bf16 products costs on an accelerator, measured without one.
+
 Then the verdict: the fastest of ours, on the step, whose step accuracy is at least optax's
 with the paper's ("muloco") coefficients (within 1e-4, float32 round-off); and the cost of
 Gram iterations forced on the square shapes, where "gram" runs Newton-Schulz instead.
@@ -38,9 +44,11 @@ from optax.contrib import _muon as optax_muon
 
 from muloco_jax import model as model_lib
 from muloco_jax import optim
+from muloco_jax.tools import aot
 
 ALPHAS = (0.5, 1.0, 1.5)
 BASELINE = "muloco"  # optax's Newton-Schulz with the paper's coefficients
+BASELINE_COEFFICIENTS = optim.newton_schulz_coefficients(BASELINE)
 
 
 def round_times(groups, repeats):
@@ -137,6 +145,23 @@ def step_calls(coefficients, compute_dtype):
   return {name: (jax.jit(tx.update), tx.init) for name, tx in optimizers.items()}
 
 
+def compiled_costs(size, dtype, topology):
+  """{shape: {name: (bytes accessed, estimated seconds)}}: XLA's cost analysis of optax's and
+  our Newton-Schulz ("muloco") on each hidden shape, compiled for one chip of TPU `topology`."""
+  device = aot.topology_devices(topology, 1)[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  fns = calls(BASELINE_COEFFICIENTS, dtype if dtype != jnp.float32 else None)
+  out = {}
+  for shape in hidden_shapes(size):
+    x = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    out[shape] = {}
+    for name in ("optax", "newton_schulz"):
+      cost = fns[name].lower(x).compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost
+      out[shape][name] = (cost["bytes accessed"], cost["optimal_seconds"])
+  return out
+
+
 def forced_gram(coefficients):
   """Gram iterations on a matrix of any shape (what "gram" does not run on squares)."""
   return jax.jit(lambda x: optim._iterate_gram(x, coefficients, 1e-7, x.dtype).astype(x.dtype))
@@ -227,14 +252,34 @@ def benchmark(size, dtype, repeats):
     )
 
 
+def print_compiled_costs(size, dtype, topology):
+  print(
+    f"\n{size} ({BASELINE}, {jnp.dtype(dtype).name}) compiled for one {topology} chip, XLA's "
+    "cost analysis of one loop iteration and the set-up:"
+  )
+  for (m, n), cost in compiled_costs(size, dtype, topology).items():
+    (optax_bytes, optax_seconds), (ours_bytes, ours_seconds) = cost.values()
+    print(
+      f"  {m}x{n}: optax {optax_bytes / 1e6:.1f} MB, {1e6 * optax_seconds:.1f} us; ours "
+      f"{ours_bytes / 1e6:.1f} MB ({ours_bytes / optax_bytes:.2f}x), {1e6 * ours_seconds:.1f} us "
+      f"(optax / ours {optax_seconds / ours_seconds:.2f}x)"
+    )
+
+
 def main(argv):
   del argv
   for size in _SIZES.value:
-    benchmark(size, jnp.dtype(_DTYPE.value), _REPEATS.value)
+    if _COMPILE_FOR.value:
+      print_compiled_costs(size, jnp.dtype(_DTYPE.value), _COMPILE_FOR.value)
+    if _REPEATS.value:
+      benchmark(size, jnp.dtype(_DTYPE.value), _REPEATS.value)
 
 
 if __name__ == "__main__":  # flags defined here: `round_times` is imported by other benchmarks
   _SIZES = flags.DEFINE_list("sizes", ["150m", "914m"], "Presets whose hidden shapes are used.")
   _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Matrix dtype.")
-  _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds of timed runs (median).")
+  _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds of timed runs (median); 0: none.")
+  _COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", "", "A TPU topology (e.g. v5p:2x2x1): also print the step's compiled costs."
+  )
   app.run(main)
