@@ -520,7 +520,7 @@ class DiLoCo(_Layout):
     inner step, the exchanges of the syncs at ``step - 1`` and the adoptions of those at
     ``step - tau``.  A worker lost at ``step`` (``drops``) takes no inner step and misses the
     syncs; it rejoins (``diloco.rejoin``) before the step its loss ends at.  Per-worker ``[K]``
-    metrics stay on the device; the loop averages them when it logs."""
+    metrics stay on the device (NaN for a lost worker); the loop averages them when it logs."""
     tau, syncs = self.schedule.overlap_steps, self.schedule.at(step, final)
     metrics, stepping = [], self._active(step, warn=False)
     rejoining = self.rejoining_workers(step)
@@ -545,6 +545,9 @@ class DiLoCo(_Layout):
     for f in syncs.synced:
       state, sync_metrics = self.outer_sync(state, self._active(step), f)
       metrics.append(sync_metrics)
+    lost = ~self.active_workers(step)
+    if lost.any():  # a lost worker took no step: no loss of its frozen parameters to report
+      losses = {k: jnp.where(self._placed(lost), jnp.nan, v) for k, v in losses.items()}
     step_metrics = {"train_loss": losses["loss"], "grad_norm": losses["grad_norm"]}
     return state, step_metrics, [dict(m, worker_train_loss=losses["loss"]) for m in metrics]
 

@@ -270,7 +270,7 @@ def _sync_record(syncs: list[dict]) -> dict:
   return dict(
     m,
     worker_train_loss=losses,
-    worker_train_loss_spread=losses.max() - losses.min(),
+    worker_train_loss_spread=np.nanmax(losses) - np.nanmin(losses),
     worker_cosine_mean=np.nanmean(cosine),
     **{key: sum(float(s[key]) for s in syncs) for key in ("sync_bytes", "sync_bytes_per_worker")},
   )
@@ -553,9 +553,9 @@ class _Records:
       host_record.update(_sync_record(device_record["syncs"]))
       self.comm_bytes_total += float(host_record["sync_bytes"])
       host_record["comm_bytes_total"] = self.comm_bytes_total
-    for name in ("train_loss", "grad_norm"):  # per-worker vectors under DiLoCo
+    for name in ("train_loss", "grad_norm"):  # per-worker vectors under DiLoCo, NaN if lost
       if name in host_record:
-        host_record[name] = float(np.mean(host_record[name]))
+        host_record[name] = float(np.nanmean(host_record[name]))
     return host_record
 
   def write(self, step: int, host_record: dict) -> None:

@@ -112,6 +112,10 @@ def test_lost_workers_are_left_out_and_rejoin(tmp_path):
     assert r["num_contributing"] == (3 if lost else 4)
     assert r["worker_contributed"] == [True, not lost, True, True]
     assert r["worker_opt_state_reset"] == [False, lost, False, False]
+    losses = np.asarray(r["worker_train_loss"], np.float64)  # a lost worker reports no loss
+    assert np.isnan(losses[1]) == lost and np.isfinite(np.delete(losses, 1)).all()
+    if "train_loss" in r:
+      np.testing.assert_allclose(r["train_loss"], np.nanmean(losses), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
