@@ -337,6 +337,24 @@ def overlap_findings(overlap) -> list[dict]:
           "at both alphas (the rule's n counts these pairs)",
         )
       )
+  if len(adoptions) == 2:  # which adoption the default should be, by the same rule
+    (first, a), (second, b) = ((x, defaults[x]) for x in adoptions)
+    effects = []
+    for k, f, tau in sorted({key[:3] for key in overlap if key[2]}):
+      effects += paired(
+        lambda one, other: one - other,
+        seed_losses(overlap.get((k, f, tau, first, a), {})),
+        seed_losses(overlap.get((k, f, tau, second, b), {})),
+      )
+    out.append(
+      finding(
+        f"Overlap: {second} adoption (alpha={b:g}) beats {first} (alpha={a:g}) for tau > 0",
+        "issue 24: the default adoption, chosen by measurement",
+        effects,
+        f"L({first}) - L({second}), one value per (K, F, tau, seed) run with both at their "
+        "default alphas",
+      )
+    )
   return out
 
 

@@ -162,6 +162,12 @@ def test_overlap_gaps_verdicts_and_default_alpha():
   ]
   assert alpha_keep["per_seed"] == pytest.approx([2.0 * (1.001 - 1.003)])
   assert alpha_keep["verdict"] == "inconclusive"  # one pair decides nothing
+  # The adoptions at their default alphas, paired per seed: keep_progress 0.4% lower, noisy.
+  adoption = items[
+    "Overlap: keep_progress adoption (alpha=0) beats replace (alpha=0.5) for tau > 0"
+  ]
+  replace_losses, keep_losses = base * 1.005 + 10 * noise, base * 1.001 + noise / 10
+  assert adoption["per_seed"] == pytest.approx(list(replace_losses - keep_losses))
   table = "\n".join(findings.overlap_table(overlap))
   assert "| 4 | 2 | 0 | - | - | 2.0000 +- 0.0200 | (reference) | |" in table
   assert "| 4 | 2 | 1 | replace | 0 | 2.0400 (1 seed) | 2.0000 (1 seed) | inconclusive |" in table
