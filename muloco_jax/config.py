@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.ns_schedule = "muloco"  # classic | muloco | polar_express
   c.optimizer.ns_steps = 5
   c.optimizer.ns_method = "newton_schulz"  # newton_schulz | gram (Gram Newton-Schulz)
-  c.optimizer.ns_dtype = "bfloat16"  # Newton-Schulz matmul operands (the rest is float32)
+  c.optimizer.ns_dtype = "bfloat16"  # Newton-Schulz matmul operands and X; sums are float32
   c.optimizer.muon_scale = "spectral"  # spectral | moonlight | none
   c.optimizer.adam_learning_rate = 0.0  # Muon's AdamW part; 0: optimizer.learning_rate
 

@@ -194,7 +194,8 @@ def inner_step(
   over (under ``jax.jit`` on a mesh), so that sharding constraints inside the step (e.g.
   Muon's) apply per worker.  No communication across workers.
 
-  Returns the new state and ``{"loss": [workers], "grad_norm": [workers]}``.
+  Returns the new state and ``{"loss": [workers], "grad_norm": [workers]}`` (NaN for a lost
+  worker: it took no step).
   """
   step = jax.vmap(optimizer_step(loss_fn, inner_tx), spmd_axis_name=spmd_axis_name)
   worker_params, worker_opt_state, metrics = step(
@@ -203,6 +204,7 @@ def inner_step(
   if active is not None:
     worker_params = _select_workers(active, worker_params, state.worker_params)
     worker_opt_state = _select_workers(active, worker_opt_state, state.worker_opt_state)
+    metrics = {k: jnp.where(active, m, jnp.nan) for k, m in metrics.items()}
   state = state._replace(
     worker_params=worker_params, worker_opt_state=worker_opt_state, step=state.step + 1
   )

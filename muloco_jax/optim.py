@@ -159,7 +159,7 @@ def _normalized(x, eps: float):
 def _product(a, b, operand_dtype, out=None):
   """a @ b with both operands rounded to `operand_dtype`, accumulated in `out` (None: a's
   dtype)."""
-  out = out or a.dtype
+  out = a.dtype if out is None else out
   a, b = a.astype(operand_dtype), b.astype(operand_dtype)
   if operand_dtype == out:
     return a @ b
@@ -178,8 +178,8 @@ def _iterate(x, coefficients: Coefficients, eps: float, operand_dtype):
 
   Matmul operands are `operand_dtype`; coefficients, accumulation and each iteration's
   elementwise work are float32, as in torch code with Python-float coefficients (the
-  authors' bf16 runs).  X itself is kept in the narrower of `operand_dtype` and float32
-  between iterations, as that code keeps it in bf16: the products take it as it is, and
+  authors' bf16 runs).  X itself is kept in the narrower of `operand_dtype` and that
+  accumulation dtype (float32, or x's if wider) between iterations, as that code keeps it in bf16: the products take it as it is, and
   an iteration moves half the bytes of a float32 X.  Compiled for a TPU chip, XLA's cost
   analysis of a bf16 iteration went from 1.39-1.77x optax's bytes (0.60-0.87x its estimated
   speed) to 1.07-1.14x (0.93-1.00x) on the 150m and 914m shapes
@@ -373,10 +373,11 @@ def orthogonalize(
   elsewhere (squares) it runs Newton-Schulz itself.  `newton_schulz_flops`
   counts either.
 
-  Matmul operands are in `compute_dtype`; coefficients, accumulation and the
-  elementwise work stay in float32, as the authors' bf16 torch code does with
-  Python-float coefficients (rounded to bf16, the "muloco" coefficients are
-  another polynomial: band 0.994-1.051 rather than 0.978-1.032 on [0.01, 1]).
+  Matmul operands, and X between iterations, are in `compute_dtype`;
+  coefficients, accumulation and each iteration's sums stay in float32, as the
+  authors' bf16 torch code does with Python-float coefficients (rounded to bf16,
+  the "muloco" coefficients are another polynomial: band 0.994-1.051 rather than
+  0.978-1.032 on [0.01, 1]).
 
   Args:
     x: array of rank >= 2, float dtype.
@@ -564,6 +565,9 @@ def _wide(x):
   return x if x.shape[-2] <= x.shape[-1] else jnp.swapaxes(x, -1, -2)
 
 
+_TRANSPOSED_AXIS = {-2: -1, -1: -2, None: None}  # a tall matrix's fan axes in the wide stack
+
+
 def _orthogonalize_groups(matrices, newton_schulz, fan_axes=None, axis=None, shards=1):
   """`newton_schulz` of each (batch, fan_in, fan_out) array of `matrices`, one call per group.
 
@@ -594,8 +598,7 @@ def _orthogonalize_groups(matrices, newton_schulz, fan_axes=None, axis=None, sha
       # Pinned at both ends, the loop inside keeps whole matrices on each device (pinned at
       # its input alone, XLA may split each matrix inside the loop, with all-reduces every step).
       stack = by_matrix(newton_schulz(by_matrix(stack)))
-      flip = {-2: -1, -1: -2, None: None}  # a tall array's fan axes, in the wide stack
-      votes = [flip[fan_axes[i]] if tall[i] else fan_axes[i] for i in members]
+      votes = [_TRANSPOSED_AXIS[fan_axes[i]] if tall[i] else fan_axes[i] for i in members]
       fan_axis = max((-2, -1), key=lambda a: (votes.count(a), shape[a]))
       stack = lax.with_sharding_constraint(
         stack[:count], P(None, *[axis if a == fan_axis else None for a in (-2, -1)])
@@ -689,11 +692,12 @@ def scale_by_muon(
     nesterov: use the Nesterov look-ahead.
     weight_dimension_numbers: which axes are fan-in / fan-out, see above.
     compute_dtype: dtype of the Newton-Schulz matmul operands (None: the
-      update's); the rest is float32.
+      update's), also X's between iterations; coefficients, accumulation and
+      sums are float32.
     scale: "spectral" (paper), "moonlight" or "none"; see `shape_scale`.
     stacked_axes: the rule giving a leaf's number of leading layer axes.
     shard_axis: name of the mesh axis over which to distribute Newton-Schulz
-      (see FSDP above); None: every leaf on its own.
+      (see FSDP above); None: each shape's stack where it lies.
     param_specs: the `PartitionSpec` of each parameter leaf (per worker, no
       worker axis), as a tree like the params (None entries: no constraint) or
       a function of the params returning it; used with `shard_axis` to put

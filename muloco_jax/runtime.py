@@ -545,9 +545,6 @@ class DiLoCo(_Layout):
     for f in syncs.synced:
       state, sync_metrics = self.outer_sync(state, self._active(step), f)
       metrics.append(sync_metrics)
-    lost = ~self.active_workers(step)
-    if lost.any():  # a lost worker took no step: no loss of its frozen parameters to report
-      losses = {k: jnp.where(self._placed(lost), jnp.nan, v) for k, v in losses.items()}
     step_metrics = {"train_loss": losses["loss"], "grad_norm": losses["grad_norm"]}
     return state, step_metrics, [dict(m, worker_train_loss=losses["loss"]) for m in metrics]
 

@@ -261,16 +261,24 @@ def fetch(tree):
   return jax.tree.map(one, tree)
 
 
+def _mean_of_present(values) -> float:
+  """The mean over the workers that stepped (a lost worker's value is NaN); NaN if none did."""
+  values = np.asarray(values, np.float64)
+  present = values[~np.isnan(values)]
+  return float(present.mean()) if present.size else float("nan")
+
+
 def _sync_record(syncs: list[dict]) -> dict:
   """Summary of a step's syncs (host values, one per fragment synced): the last sync's metrics,
   per-worker lists with their mean/spread, and the bytes of all of them."""
   m = dict(syncs[-1])
   losses = np.asarray(m.pop("worker_train_loss"), np.float64)
   cosine = np.asarray(m["worker_cosine"], np.float64)
+  present = losses[~np.isnan(losses)]  # a lost worker's loss is NaN
   return dict(
     m,
     worker_train_loss=losses,
-    worker_train_loss_spread=np.nanmax(losses) - np.nanmin(losses),
+    worker_train_loss_spread=float(np.ptp(present)) if present.size else float("nan"),
     worker_cosine_mean=np.nanmean(cosine),
     **{key: sum(float(s[key]) for s in syncs) for key in ("sync_bytes", "sync_bytes_per_worker")},
   )
@@ -555,7 +563,7 @@ class _Records:
       host_record["comm_bytes_total"] = self.comm_bytes_total
     for name in ("train_loss", "grad_norm"):  # per-worker vectors under DiLoCo, NaN if lost
       if name in host_record:
-        host_record[name] = float(np.nanmean(host_record[name]))
+        host_record[name] = _mean_of_present(host_record[name])
     return host_record
 
   def write(self, step: int, host_record: dict) -> None:

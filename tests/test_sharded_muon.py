@@ -13,8 +13,8 @@ from muloco_jax import optim
 from muloco_jax.tools.benchmarks.sharded_muon import collectives, dot_flops
 
 # Hidden matrices of several per-layer shapes: wide, tall, three squares, and a scanned stack
-# (`layers`: its leading axis is the layer axis) sharing the wide shape: groups of 16, 1 and 3
-# matrices, the last two no multiple of the fsdp size.  Each spec shards one per-layer dim.
+# (`layers`: its leading axis is the layer axis) sharing the wide shape: groups of 17 (the tall
+# one joins as its transpose) and 3 matrices, no multiple of the fsdp size.  Each spec shards one per-layer dim.
 SHAPES = {
   "wide": (16, 40),
   "tall": (40, 16),
@@ -142,10 +142,12 @@ def test_update_leaves_come_out_as_their_param_specs(workers, fsdp):
 
 
 def _newton_schulz_flops_per_device(shapes, fsdp, method):
-  """Each (fan_in, fan_out) group of N matrices padded to a multiple of fsdp: N / fsdp each."""
+  """Each group of N matrices of one wide shape (a tall one transposed) padded to a multiple of
+  fsdp: N / fsdp each."""
   counts = {}
   for shape in jax.tree.leaves(shapes, is_leaf=is_shape):
-    counts[shape[-2:]] = counts.get(shape[-2:], 0) + math.prod(shape[:-2])
+    wide = tuple(sorted(shape[-2:]))
+    counts[wide] = counts.get(wide, 0) + math.prod(shape[:-2])
   flops = lambda s: optim.newton_schulz_flops(s, 5, method=method)
   every = sum(n * flops(s) for s, n in counts.items())
   ours = sum(-(-n // fsdp) * flops(s) for s, n in counts.items())
@@ -157,21 +159,21 @@ def _newton_schulz_flops_per_device(shapes, fsdp, method):
 def test_each_device_orthogonalizes_its_share(workers, fsdp, method):
   """Per device, the sharded program's matmul flops are those of its ceil(N / F) matrices of
   each shape (well under 2 / F of all of them; with "gram", Gram Newton-Schulz's on the wide
-  and tall ones), moved by all-to-alls, never gathered; the per-leaf program on the same
-  sharded inputs does more."""
+  and tall ones), moved by all-to-alls, never gathered; the program without shard_axis on the
+  same sharded inputs does more."""
   mesh = _mesh(workers or 1, fsdp)
   grads = _normal(SHAPES, (workers,) if workers else ())
   sharded = optim.scale_by_muon(shard_axis="fsdp", param_specs=SPECS, ns_method=method)
-  per_leaf = optim.scale_by_muon(ns_method=method)
+  unsharded = optim.scale_by_muon(ns_method=method)
   _, compiled = _run(_sharded_step(sharded, mesh, SPECS, workers), mesh, grads)
-  _, per_leaf = _run(_sharded_step(per_leaf, mesh, SPECS, workers), mesh, grads)
+  _, unsharded = _run(_sharded_step(unsharded, mesh, SPECS, workers), mesh, grads)
   hlo = compiled.as_text()
   found = collectives(hlo)
   assert found.keys() == {"all-to-all"}, found
   ours, every = _newton_schulz_flops_per_device(SHAPES, fsdp, method)
   assert dot_flops(hlo) == pytest.approx(ours, rel=1e-3)
   assert dot_flops(hlo) < 2 / fsdp * every
-  assert dot_flops(hlo) < dot_flops(per_leaf.as_text())
+  assert dot_flops(hlo) < dot_flops(unsharded.as_text())
 
 
 def test_dot_flops_counts_loop_iterations():
@@ -189,8 +191,8 @@ def test_zero_matrix_orthogonalizes_to_zero():
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (8, 1)])
-def test_shard_axis_without_it_in_the_mesh_is_per_leaf(mesh_shape):
-  """No mesh in context, or an fsdp axis of size 1: the per-leaf path, bit for bit."""
+def test_shard_axis_without_it_in_the_mesh_is_the_unsharded_path(mesh_shape):
+  """No mesh in context, or an fsdp axis of size 1: the path without shard_axis, bit for bit."""
   grads = _normal(SHAPES)
   plain = optim.scale_by_muon()
   sharded = optim.scale_by_muon(shard_axis="fsdp", param_specs=SPECS)

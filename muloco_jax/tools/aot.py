@@ -76,6 +76,7 @@ _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "TPU topology GENERATION:SHAPE, e.g. v5e:4x4, v5p:4x4x4, v6e:16x16."
 )
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (joined by DCN).")
+flags.mark_flags_as_required(["config", "topology"])
 
 GIB = 2**30
 # HBM per device (GiB) by `device_kind`, used only when the compiler's figure cannot be read.
@@ -479,6 +480,5 @@ def main(argv):
   return 0 if fits else 1
 
 
-if __name__ == "__main__":  # required here, so that importing the module requires nothing
-  flags.mark_flags_as_required(["config", "topology"])
+if __name__ == "__main__":
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -18,9 +18,9 @@ Accuracy: the relative Frobenius distance ||O - U V^T||_F / ||U V^T||_F of the r
 exact polar factor of G = U S V^T, averaged over gradient-like matrices: random singular
 vectors and decaying spectra s_k = k^-alpha, alpha in `ALPHAS` (their normalised smallest
 singular values, 1.7e-2 / 1.5e-3 / 7.9e-5 of the 2-norm at 512 rows, are where the schedules
-differ).  The step's accuracy weighs the shapes by their number of hidden matrices.  With --dtype=bfloat16 the
-matrices are bf16 (ours: bf16 matmul operands, float32 elsewhere; optax: whatever its code
-does with bf16 inputs and float32 coefficients).
+differ).  The step's accuracy weighs the shapes by their number of hidden matrices.  With
+--dtype=bfloat16 the matrices are bf16 (ours: bf16 matmul operands and X between iterations,
+float32 coefficients, accumulation and sums; optax: bf16 throughout, its coefficients rounded).
 
 With --compile_for=v5p:2x2x1 (a TPU topology; libtpu compiles it here, no TPU needed) it also
 prints XLA's cost analysis of optax's and our Newton-Schulz on each shape compiled for one of
@@ -44,7 +44,6 @@ from optax.contrib import _muon as optax_muon
 
 from muloco_jax import model as model_lib
 from muloco_jax import optim
-from muloco_jax.tools import aot
 
 ALPHAS = (0.5, 1.0, 1.5)
 BASELINE = "muloco"  # optax's Newton-Schulz with the paper's coefficients
@@ -148,6 +147,9 @@ def step_calls(coefficients, compute_dtype):
 def compiled_costs(size, dtype, topology):
   """{shape: {name: (bytes accessed, estimated seconds)}}: XLA's cost analysis of optax's and
   our Newton-Schulz ("muloco") on each hidden shape, compiled for one chip of TPU `topology`."""
+  # Imported here: aot brings the training stack (tfds, grain, orbax), which timing needs not.
+  from muloco_jax.tools import aot  # pylint: disable=import-outside-toplevel
+
   device = aot.topology_devices(topology, 1)[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   fns = calls(BASELINE_COEFFICIENTS, dtype if dtype != jnp.float32 else None)
@@ -280,6 +282,6 @@ if __name__ == "__main__":  # flags defined here: `round_times` is imported by o
   _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Matrix dtype.")
   _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds of timed runs (median); 0: none.")
   _COMPILE_FOR = flags.DEFINE_string(
-    "compile_for", "", "A TPU topology (e.g. v5p:2x2x1): also print the step's compiled costs."
+    "compile_for", "", "A TPU topology (e.g. v5p:2x2x1): also print each shape's compiled costs."
   )
   app.run(main)
