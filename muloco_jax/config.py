@@ -92,6 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
   # sync step (the authors' fragment_sync_delay); 0: no overlap.  Must be < sync_every.
   c.diloco.overlap_steps = 0
   # alpha: on adoption theta_k <- (1 - alpha) theta + alpha theta_k (fragment_update_alpha).
+  # 0 and "replace" below are the measured defaults (experiments/README.md, "Overlap").
   c.diloco.mixing = 0.0
   # On adoption: "replace" (the worker takes the shared fragment) or "keep_progress" (it also
   # keeps the overlap_steps steps it took since the exchange; one more copy of its parameters).
