@@ -293,6 +293,19 @@ def overlap_default_alpha(overlap, adoption) -> float:
   return min(alphas, key=lambda a: float(np.mean(gaps[a])))  # min keeps the first on ties
 
 
+def overlap_differences(overlap, configs, one, other) -> list[float]:
+  """L(one) - L(other) per paired seed over the (K, F, tau) of `configs`; `one` and `other`
+  are (adoption, alpha) settings."""
+  effects = []
+  for k, f, tau in configs:
+    effects += paired(
+      lambda x, y: x - y,
+      seed_losses(overlap.get((k, f, tau, *one), {})),
+      seed_losses(overlap.get((k, f, tau, *other), {})),
+    )
+  return effects
+
+
 def overlap_findings(overlap) -> list[dict]:
   """Per (K, F, tau > 0, adoption) at the adoption's default alpha: no quality cost against
   tau = 0 (non-inferiority within MARGIN, per seed); per adoption and larger alpha: whether it
@@ -320,37 +333,24 @@ def overlap_findings(overlap) -> list[dict]:
   for adoption in adoptions:
     alphas, configs = overlap_settings(overlap, adoption)
     for alpha in alphas[1:]:
-      effects = []
-      for k, f, tau in configs:
-        effects += paired(
-          lambda lo, hi: lo - hi,
-          seed_losses(overlap.get((k, f, tau, adoption, alphas[0]), {})),
-          seed_losses(overlap.get((k, f, tau, adoption, alpha), {})),
-        )
       out.append(
         finding(
           f"Overlap with {adoption} adoption: alpha={alpha:g} beats alpha={alphas[0]:g} for "
           f"tau > 0 (default chosen: alpha={defaults[adoption]:g})",
           "issue 24: the default alpha for tau > 0, chosen by measurement",
-          effects,
+          overlap_differences(overlap, configs, (adoption, alphas[0]), (adoption, alpha)),
           f"L(alpha={alphas[0]:g}) - L(alpha={alpha:g}), one value per (K, F, tau, seed) run "
           "at both alphas (the rule's n counts these pairs)",
         )
       )
   if len(adoptions) == 2:  # which adoption the default should be, by the same rule
     (first, a), (second, b) = ((x, defaults[x]) for x in adoptions)
-    effects = []
-    for k, f, tau in sorted({key[:3] for key in overlap if key[2]}):
-      effects += paired(
-        lambda one, other: one - other,
-        seed_losses(overlap.get((k, f, tau, first, a), {})),
-        seed_losses(overlap.get((k, f, tau, second, b), {})),
-      )
+    configs = sorted({key[:3] for key in overlap if key[2]})
     out.append(
       finding(
         f"Overlap: {second} adoption (alpha={b:g}) beats {first} (alpha={a:g}) for tau > 0",
         "issue 24: the default adoption, chosen by measurement",
-        effects,
+        overlap_differences(overlap, configs, (first, a), (second, b)),
         f"L({first}) - L({second}), one value per (K, F, tau, seed) run with both at their "
         "default alphas",
       )

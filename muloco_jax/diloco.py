@@ -513,9 +513,10 @@ def reduce_scatter_average(
   ``delta = concat_j D(q_j)``.  An owner not in C (a lost worker) holds no buffer: a live
   worker averages its chunk with ``r_j = 0`` and ``r_j`` stays zero until the owner is back.
   One worker sends 2 (K-1)/K payloads and holds one float32 tree of decoded chunks.  With
-  per-row statistics every chunk is quantized exactly as in the whole tensor, so without the owners' error feedback this is ``all_gather_average`` with
-  ``requantize_average`` (to float32 round-off); per-tensor statistics and top-k's k become
-  per chunk (padding rows included).
+  per-row statistics every chunk is quantized exactly as in the whole tensor, so without the
+  owners' error feedback this is ``all_gather_average`` with ``requantize_average`` (to
+  float32 round-off); per-tensor statistics and top-k's k become per chunk (padding rows
+  included).
 
   State: ``ReduceScatterAverageState(worker_error, owner_error)``.
 

@@ -179,8 +179,9 @@ def _iterate(x, coefficients: Coefficients, eps: float, operand_dtype):
   Matmul operands are `operand_dtype`; coefficients, accumulation and each iteration's
   elementwise work are float32, as in torch code with Python-float coefficients (the
   authors' bf16 runs).  X itself is kept in the narrower of `operand_dtype` and that
-  accumulation dtype (float32, or x's if wider) between iterations, as that code keeps it in bf16: the products take it as it is, and
-  an iteration moves half the bytes of a float32 X.  Compiled for a TPU chip, XLA's cost
+  accumulation dtype (float32, or x's if wider) between iterations, as that code keeps it
+  in bf16: the products take it as it is, and an iteration moves half the bytes of a
+  float32 X.  Compiled for a TPU chip, XLA's cost
   analysis of a bf16 iteration went from 1.39-1.77x optax's bytes (0.60-0.87x its estimated
   speed) to 1.07-1.14x (0.93-1.00x) on the 150m and 914m shapes
   (`muloco_jax.tools.benchmarks.newton_schulz --dtype=bfloat16 --compile_for=v5p:2x2x1`).
@@ -284,7 +285,8 @@ def _wide_flops(m: int, n: int, coefficients: Coefficients, gram: bool, split: b
 
 
 def _splits(operand_dtype, dtype) -> bool:
-  """Whether Gram's products with X split X and Q (`_split_product`): narrower operands."""
+  """Whether `operand_dtype` is narrower than `dtype`: then Gram's products with X split X
+  and Q (`_split_product`) and Newton-Schulz keeps X in `operand_dtype` (`_iterate`)."""
   return jnp.finfo(operand_dtype).bits < jnp.finfo(dtype).bits
 
 

@@ -217,8 +217,7 @@ class DiLoCo(_Layout):
   Batches have leaves ``[K, B/K, ...]`` sharded ``P("worker", "fsdp")`` (``shard_batch`` makes
   them from rows); ``active`` masks (``[K]`` bools) are replicated: split over ``worker``,
   their broadcast against a leaf split over other axes made the partitioner replicate the
-  leaf.  ``inner_step``,
-  ``outer_sync`` and the overlapped step donate the state.
+  leaf.  ``inner_step``, ``outer_sync`` and the overlapped step donate the state.
   """
 
   def __init__(

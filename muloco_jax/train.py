@@ -261,10 +261,15 @@ def fetch(tree):
   return jax.tree.map(one, tree)
 
 
-def _mean_of_present(values) -> float:
-  """The mean over the workers that stepped (a lost worker's value is NaN); NaN if none did."""
+def _present(values) -> np.ndarray:
+  """The per-worker values of the workers that stepped (a lost worker's value is NaN)."""
   values = np.asarray(values, np.float64)
-  present = values[~np.isnan(values)]
+  return values[~np.isnan(values)]
+
+
+def _mean_of_present(values) -> float:
+  """The mean of `_present(values)`; NaN if no worker stepped."""
+  present = _present(values)
   return float(present.mean()) if present.size else float("nan")
 
 
@@ -274,7 +279,7 @@ def _sync_record(syncs: list[dict]) -> dict:
   m = dict(syncs[-1])
   losses = np.asarray(m.pop("worker_train_loss"), np.float64)
   cosine = np.asarray(m["worker_cosine"], np.float64)
-  present = losses[~np.isnan(losses)]  # a lost worker's loss is NaN
+  present = _present(losses)
   return dict(
     m,
     worker_train_loss=losses,

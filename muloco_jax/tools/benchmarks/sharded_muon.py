@@ -7,8 +7,9 @@ virtual CPU devices (`sharding.fsdp_specs`: its largest per-layer dimension divi
 and compiles, without running it, one optimizer update (`tx.update` with the state and
 update sharded as the params) three ways: `optim.muon` with `shard_axis="fsdp"` (each device
 orthogonalizes 1/F of the hidden matrices), `optim.muon` without it (each shape's matrices in
-one Newton-Schulz on the sharded stack, partitioned as XLA sees fit), and `optax.contrib.muon` with the same
-Newton-Schulz coefficients on the same hidden matrices (the rest to Adam in all three).
+one Newton-Schulz on the sharded stack, partitioned as XLA sees fit), and `optax.contrib.muon`
+with the same Newton-Schulz coefficients on the same hidden matrices (the rest to Adam in all
+three).
 
 Per device it prints the matmul flops of the compiled program, counted from its HLO text
 (`dot_flops`: every dot, times the trip counts of the loops around it), XLA's own cost
